@@ -1,0 +1,1 @@
+"""Retrieval substrate: passages, encoders, sharded FAISS index on Ray actors."""

@@ -1,0 +1,1 @@
+"""The RAG model (pure PyTorch math, generators, decoding) and the Ray Serve application."""

@@ -1,0 +1,1 @@
+"""Ray Train fine-tuning of the RAG model, index refresh and evaluation."""
