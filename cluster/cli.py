@@ -1,8 +1,72 @@
-"""`rayrag` subcommands owned by the cluster package."""
+"""`rayrag index …` subcommands: build an index version over a corpus, list an index root's versions."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from cluster.index_build import build_index
+    from cluster.passages import load_corpus
+
+    passages = load_corpus(args.corpus, limit=args.limit)
+    _init_ray(args.ray_address)
+    version = build_index(passages, args.out, encoder=args.encoder, shards=args.shards,
+                          index_type=args.index_type, batch_size=args.batch_size,
+                          num_encoders=args.encoders, publish=not args.no_publish)
+    print(f"built {version} under {args.out}: {len(passages)} passages, {args.shards} shards, "
+          f"index type {args.index_type!r}{'' if args.no_publish else ' (published)'}")
+    print(f"serve it with --index {args.out} --replicas {args.replicas}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from cluster.index_store import check_index_root, list_versions, load_manifest, published_version
+
+    check_index_root(args.index_root)
+    published = published_version(args.index_root)
+    for version in list_versions(args.index_root):
+        manifest = load_manifest(args.index_root, version)
+        row = {"version": version, "published": version == published, "count": manifest.count,
+               "shards": len(manifest.shards), "index_type": manifest.index_type, "dim": manifest.dim,
+               "encoder": manifest.encoder, "encoder_fingerprint": manifest.encoder_fingerprint}
+        print(json.dumps(row))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands; each sets `run(args) -> int`."""
+    index = subcommands.add_parser("index", help="build and inspect sharded FAISS index versions")
+    actions = index.add_subparsers(dest="index_command", required=True)
+    build = actions.add_parser("build", help="encode a corpus on Ray and write a new index version")
+    build.add_argument("--corpus", default="default", help="default | squad-open | PATH.jsonl | PATH.json")
+    build.add_argument("--shards", type=_positive, default=1)
+    build.add_argument("--index-type", default="Flat", help='FAISS factory string: "Flat", "HNSW32", "IVF4096,PQ64"')
+    build.add_argument("--out", required=True, help="INDEX_ROOT (versions go in INDEX_ROOT/v000N)")
+    build.add_argument("--encoder", default="default", help="document encoder name or path")
+    build.add_argument("--encoders", type=_positive, default=1, help="encoder actors on Ray")
+    build.add_argument("--batch-size", type=_positive, default=64)
+    build.add_argument("--limit", type=_positive, default=None, help="keep the first N passages")
+    build.add_argument("--replicas", type=_positive, default=1, help="replicas per shard to suggest for serving")
+    build.add_argument("--no-publish", action="store_true", help="write the version without publishing it")
+    build.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")
+    build.set_defaults(run=run_build)
+    listing = actions.add_parser("list", help="list an index root's versions and the published one")
+    listing.add_argument("index_root")
+    listing.set_defaults(run=run_list)

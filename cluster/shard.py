@@ -1,0 +1,179 @@
+"""One shard of one index version: memory-mapped FAISS index, passage table, top-k search."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from cluster.index_store import load_manifest, verify_shard_files, version_dir
+
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY  # flat codes map the file
+
+
+class PassageTable:
+    """Titles and texts of one shard: a UTF-8 blob plus (n, 3) offsets, both memory-mapped.
+
+    Passage i has title blob[o[i,0]:o[i,1]] and text blob[o[i,1]:o[i,2]].
+    """
+
+    def __init__(self, blob_path: str | Path, offsets_path: str | Path) -> None:
+        self.offsets = np.load(offsets_path, mmap_mode="r")  # (n, 3) int64
+        size = os.path.getsize(blob_path)
+        self.blob = np.memmap(blob_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def get(self, row: int) -> tuple[str, str]:
+        start, middle, end = (int(x) for x in self.offsets[row])
+        return (bytes(self.blob[start:middle]).decode("utf-8"), bytes(self.blob[middle:end]).decode("utf-8"))
+
+    @staticmethod
+    def write(blob_path: str | Path, offsets_path: str | Path, titles: Sequence[str],
+              texts: Sequence[str]) -> None:
+        offsets = np.zeros((len(titles), 3), dtype=np.int64)  # (n, 3)
+        position = 0
+        with open(blob_path, "wb") as blob:
+            for row, (title, text) in enumerate(zip(titles, texts, strict=True)):
+                title_bytes, text_bytes = title.encode("utf-8"), text.encode("utf-8")
+                blob.write(title_bytes)
+                blob.write(text_bytes)
+                offsets[row] = (position, position + len(title_bytes),
+                                position + len(title_bytes) + len(text_bytes))
+                position = int(offsets[row, 2])
+        np.save(offsets_path, offsets)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """What one shard actor loads and how it searches."""
+
+    index_root: str
+    version: str
+    shard: int
+    faiss_threads: int = 1
+    search_params: Mapping[str, float] = field(default_factory=dict)  # e.g. {"efSearch": 128}
+    verify_checksums: bool = True
+    blas_threshold: int | None = None  # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
+
+    def __post_init__(self) -> None:
+        if self.blas_threshold is not None and self.blas_threshold < 1:
+            raise ValueError(f"blas_threshold must be ≥ 1 or None, got {self.blas_threshold}")
+        if self.faiss_threads < 1:
+            raise ValueError(f"faiss_threads must be ≥ 1, got {self.faiss_threads}")
+        if self.shard < 0:
+            raise ValueError(f"shard must be ≥ 0, got {self.shard}")
+
+
+@dataclass
+class ShardHits:
+    """One shard's answer to a query batch; missing hits have id -1."""
+
+    scores: np.ndarray  # (B, k) float32, descending
+    ids: np.ndarray  # (B, k) int64 global passage ids
+    titles: list[list[str]]
+    texts: list[list[str]]
+    vectors: np.ndarray | None  # (B, k, d) float32 stored document vectors
+    version: str
+    shard: int
+    search_ms: float
+
+
+def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None:
+    """Set FAISS search-time parameters (efSearch, nprobe, k_factor_rf, …) by name."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as error:
+            raise ValueError(f"search parameter {name}={value!r} does not apply to this index: {error}") from error
+
+
+class Shard:
+    """Hosts one shard of one version; made a Ray actor by the shard group."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self.uss_at_start = read_smaps_rollup(os.getpid())["Uss"]
+        manifest = load_manifest(config.index_root, config.version)
+        if config.shard >= len(manifest.shards):
+            raise ValueError(f"shard {config.shard} not in version {config.version} ({len(manifest.shards)} shards)")
+        self.manifest, self.entry = manifest, manifest.shards[config.shard]
+        directory = version_dir(config.index_root, config.version)
+        if config.verify_checksums:
+            verify_shard_files(directory, self.entry)
+        faiss.omp_set_num_threads(config.faiss_threads)
+        if config.blas_threshold is not None:
+            faiss.cvar.distance_compute_blas_threshold = config.blas_threshold
+        files = {role: str(directory / name) for role, name in self.entry.files.items()}
+        self.index = faiss.read_index(files["index"], MMAP_FLAGS)
+        apply_search_params(self.index, {**manifest.search_params, **config.search_params})
+        self.ids = np.load(files["ids"], mmap_mode="r")  # (n,) int64
+        self.table = PassageTable(files["passages"], files["offsets"])
+        self.vectors = np.load(files["vectors"], mmap_mode="r") if "vectors" in files else None  # (n, d)
+        if not (self.index.ntotal == len(self.ids) == len(self.table) == self.entry.count):
+            raise ValueError(f"shard {config.shard} of {config.version}: index holds {self.index.ntotal} vectors, "
+                             f"ids {len(self.ids)}, passages {len(self.table)}, manifest {self.entry.count}")
+
+    def _stored_vectors(self, rows: np.ndarray) -> np.ndarray:
+        flat = rows.reshape(-1)  # (B*k,)
+        out = np.zeros((len(flat), self.manifest.dim), dtype=np.float32)  # (B*k, d)
+        valid = flat >= 0
+        if self.vectors is not None:
+            out[valid] = self.vectors[flat[valid]]
+        elif valid.any():
+            out[valid] = self.index.reconstruct_batch(flat[valid].astype(np.int64))
+        return out.reshape(*rows.shape, self.manifest.dim)  # (B, k, d)
+
+    def search(self, queries: np.ndarray, k: int, return_vectors: bool = False) -> ShardHits:
+        """Top-k of this shard for each query row (k is capped at the shard size)."""
+        start = time.perf_counter()
+        k_local = min(k, self.entry.count)
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k_local)  # (B, k)
+        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1).astype(np.int64)  # (B, k)
+        pairs = [[self.table.get(r) if r >= 0 else ("", "") for r in row] for row in rows]
+        vectors = self._stored_vectors(rows) if return_vectors else None
+        return ShardHits(
+            scores=scores, ids=ids,
+            titles=[[title for title, _ in row] for row in pairs],
+            texts=[[text for _, text in row] for row in pairs],
+            vectors=vectors, version=self.config.version, shard=self.config.shard,
+            search_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+    def health(self) -> dict:
+        """Raise if the index cannot answer; else describe this replica."""
+        probe = np.zeros((1, self.manifest.dim), dtype=np.float32)
+        self.index.search(probe, 1)
+        return {"version": self.config.version, "shard": self.config.shard, "count": self.entry.count,
+                "pid": os.getpid(), "node_id": _ray_node_id(), "faiss_threads": faiss.omp_get_max_threads(),
+                "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold)}
+
+    def memory(self) -> dict[str, int]:
+        """This process's memory in bytes (/proc/self/smaps_rollup) plus its USS before loading the shard."""
+        return read_smaps_rollup(os.getpid()) | {"uss_at_start": self.uss_at_start}
+
+
+def read_smaps_rollup(pid: int) -> dict[str, int]:
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+        for line in rollup:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                values[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    values["Uss"] = values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)
+    return values
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node hosting this process, when running inside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
