@@ -1,0 +1,165 @@
+"""RAG decoding: RAG-Token beam search and RAG-Sequence thorough/fast, batched over examples × documents.
+
+The beam search follows transformers' (v5) rules exactly — 2·beams candidates per step, length
+penalty on finished hypotheses, its early-stop heuristic — so outputs can be compared token for
+token with `RagTokenForGeneration.generate` and `RagSequenceForGeneration.generate`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from services.generator import Contexts, Generator
+from services.rag import doc_log_probs, rag_sequence_nll
+
+NEG = -1.0e9  # transformers' "impossible" score
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Beam search settings; `max_new_tokens` counts generated tokens (eos included)."""
+
+    num_beams: int = 4
+    max_new_tokens: int = 32
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Beams:
+    """Finished hypotheses per group, best first."""
+
+    tokens: torch.Tensor  # (G, n, T) padded with pad_id
+    scores: torch.Tensor  # (G, n) length-penalised log-probs
+
+
+def beam_search(first: torch.Tensor, step: StepFn, *, eos_id: int, pad_id: int,
+                forced_eos_id: int | None, config: BeamConfig) -> Beams:
+    """Beam search for G independent groups of n beams.
+
+    first: log-probs (G, n, V) of the first token (rows of a group start identical).
+    step(tokens (G, n), source (G, n)) -> log-probs (G, n, V): beam j now continues old beam
+    source[g, j] of its group and appends tokens[g, j].
+    """
+    groups, n, vocab = first.shape
+    t_max, device = config.max_new_tokens, first.device
+    run_tokens = torch.full((groups, n, t_max), pad_id, dtype=torch.long, device=device)  # (G, n, T)
+    run_scores = torch.full((groups, n), NEG, device=device)  # (G, n)
+    run_scores[:, 0] = 0.0
+    fin_tokens, fin_scores = run_tokens.clone(), torch.full((groups, n), NEG, device=device)
+    fin_flag = torch.zeros((groups, n), dtype=torch.bool, device=device)  # (G, n)
+    open_ = torch.ones((groups, 1), dtype=torch.bool, device=device)  # early-stop heuristic unsatisfied
+    top_n = torch.arange(2 * n, device=device) < n  # (2n,)
+    log_probs = first
+    for t in range(t_max):
+        if forced_eos_id is not None and t == t_max - 1:
+            log_probs = torch.full_like(log_probs, float("-inf"))
+            log_probs[..., forced_eos_id] = 0.0
+        acc = (log_probs + run_scores[..., None]).view(groups, n * vocab)  # (G, n*V)
+        cand_scores, cand_index = acc.topk(2 * n, dim=1)  # (G, 2n)
+        source, token = cand_index // vocab, cand_index % vocab  # (G, 2n)
+        cand_tokens = run_tokens.gather(1, source[..., None].expand(-1, -1, t_max))  # (G, 2n, T)
+        cand_tokens[:, :, t] = token
+        hits = (token == eos_id) | (t + 1 >= t_max)  # (G, 2n)
+        keep_scores = cand_scores + hits.float() * NEG
+        keep = keep_scores.topk(n, dim=1).indices  # (G, n)
+        run_tokens = cand_tokens.gather(1, keep[..., None].expand(-1, -1, t_max))  # (G, n, T)
+        run_scores, run_source = keep_scores.gather(1, keep), source.gather(1, keep)  # (G, n)
+        done_scores = cand_scores / ((t + 1) ** config.length_penalty)  # (G, 2n)
+        done_scores = done_scores + (~open_).float() * NEG + (~(hits & top_n)).float() * NEG
+        fin_tokens, fin_scores, fin_flag = _merge_finished(
+            (fin_tokens, fin_scores, fin_flag), (cand_tokens, done_scores, hits & top_n), n)
+        best_running = run_scores[:, :1] / ((t + 1) ** config.length_penalty)  # (G, 1)
+        worst_done = torch.where(fin_flag, fin_scores.min(1, keepdim=True).values, NEG)  # (G, n)
+        open_ = open_ & (best_running > worst_done).any(1, keepdim=True)
+        if not open_.any() or hits.all():
+            break
+        log_probs = step(run_tokens[:, :, t], run_source)
+    return Beams(fin_tokens, fin_scores)
+
+
+def _merge_finished(old: tuple, new: tuple, n: int) -> tuple:
+    """Keep the best n of the finished hypotheses so far and the ones finished this step."""
+    tokens, scores, flags = (torch.cat([a, b], dim=1) for a, b in zip(old, new, strict=True))
+    best = scores.topk(n, dim=1).indices  # (G, n)
+    return (tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[2])),
+            scores.gather(1, best), flags.gather(1, best))
+
+
+def generated_mask(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Scored positions of generated sequences (N, T): up to the first eos, pads excluded."""
+    after_eos = (tokens == eos_id).long().cumsum(1) - (tokens == eos_id).long()  # (N, T)
+    return (after_eos == 0) & ((tokens != pad_id) | (tokens == eos_id))
+
+
+def rag_token_generate(generator: Generator, ctx: Contexts, doc_scores: torch.Tensor,
+                       config: BeamConfig) -> torch.Tensor:
+    """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best."""
+    b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
+    doc_lp = doc_log_probs(doc_scores.float())[:, :, None, None]  # (B, K, 1, 1)
+    base = (torch.arange(b * k, device=doc_lp.device) * n).view(b, k, 1)  # (B, K, 1)
+
+    def marginal(per_row: torch.Tensor) -> torch.Tensor:
+        joint = per_row.view(b, k, n, -1) + doc_lp  # (B, K, n, V)
+        return torch.log_softmax(joint.logsumexp(1), dim=-1)  # (B, n, V)
+
+    state, first = generator.start(ctx, n)
+
+    def step(tokens: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        generator.reorder(state, (base + source[:, None, :]).reshape(-1))  # rows (b, k, j)
+        return marginal(generator.step(state, tokens[:, None, :].expand(b, k, n).reshape(-1)))
+
+    beams = beam_search(marginal(first), step, eos_id=generator.eos_id, pad_id=generator.pad_id,
+                        forced_eos_id=generator.forced_eos_id, config=config)
+    return beams.tokens[:, 0]  # (B, T)
+
+
+def rag_sequence_generate(generator: Generator, ctx: Contexts, doc_scores: torch.Tensor,
+                          config: BeamConfig, thorough: bool = True) -> torch.Tensor:
+    """RAG-Sequence: beams per document, then each distinct hypothesis scored by p(y|x); (B, T) best.
+
+    thorough: p(y|x,z) is computed for every document; fast: taken as 0 for documents whose
+    beam search did not produce y.
+    """
+    b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
+    state, first = generator.start(ctx, n)
+    groups = torch.arange(b * k, device=first.device)[:, None] * n  # (B*K, 1)
+
+    def step(tokens: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        generator.reorder(state, (groups + source).reshape(-1))
+        return generator.step(state, tokens.reshape(-1)).view(b * k, n, -1)  # (B*K, n, V)
+
+    beams = beam_search(first.view(b * k, n, -1), step, eos_id=generator.eos_id, pad_id=generator.pad_id,
+                        forced_eos_id=generator.forced_eos_id, config=config)
+    hyps = beams.tokens.view(b, k * n, -1)  # (B, K*n, T)
+    owner = torch.arange(b, device=hyps.device).repeat_interleave(k * n)  # (B*K*n,)
+    keyed = torch.cat([owner[:, None], hyps.reshape(b * k * n, -1)], dim=1)  # (B*K*n, 1+T)
+    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # (N, 1+T), (B*K*n,)
+    example, cands = unique[:, 0], unique[:, 1:]  # (N,), (N, T)
+    produced = torch.zeros((unique.shape[0], k), dtype=torch.bool, device=hyps.device)  # (N, K)
+    produced[inverse, torch.arange(k, device=hyps.device).repeat_interleave(n).repeat(b)] = True
+    pairs = produced if not thorough else torch.ones_like(produced)  # (N, K)
+    cand_idx, doc_idx = pairs.nonzero(as_tuple=True)  # (P,), (P,)
+    mask = generated_mask(cands, generator.eos_id, generator.pad_id)  # (N, T)
+    token_ll = torch.zeros((*pairs.shape, cands.shape[1]), device=hyps.device)  # (N, K, T)
+    token_ll[cand_idx, doc_idx] = generator.score(state, example[cand_idx] * k + doc_idx, cands[cand_idx])
+    nll = rag_sequence_nll(token_ll, doc_scores.float()[example], cands, pad_id=generator.pad_id,
+                           target_mask=mask, exclude_bos_score=True, bos_id=generator.bos_id,
+                           doc_mask=pairs)  # (N,)
+    return _best_per_example(nll, example, cands, b)
+
+
+def _best_per_example(nll: torch.Tensor, example: torch.Tensor, cands: torch.Tensor, b: int) -> torch.Tensor:
+    """The lowest-loss candidate of each example (candidates are grouped by example)."""
+    counts = torch.bincount(example, minlength=b).tolist()
+    best = [part.argmin() + offset for part, offset in
+            zip(nll.split(counts), torch.tensor([0, *counts[:-1]]).cumsum(0).tolist(), strict=True)]
+    return cands[torch.stack(best)]  # (B, T)

@@ -1,0 +1,83 @@
+"""The user-facing RAG model: query encoder + generator, marginal NLL loss and decoding."""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from cluster.encoders import TextEncoder
+from services.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
+from services.generator import Generator
+from services.rag import rag_sequence_nll, rag_token_nll
+
+Variant = Literal["sequence", "token"]
+DEFAULT_NORMALISED_SCALE = 20.0
+
+
+class RagModel(torch.nn.Module):
+    """RAG (Lewis et al. 2020) over a query encoder and a generator.
+
+    doc_score_scale multiplies the inner product q(x)ᵀd(z) before the softmax over documents. For
+    L2-normalised encoders (cosine scores in [-1, 1]) a scale of about 20 gives p(z|x) a useful
+    spread; DPR-style unnormalised encoders want 1. `None` picks 20 when the encoder says it
+    normalises (`encoder.normalize`) and 1 otherwise.
+    """
+
+    def __init__(self, query_encoder: TextEncoder, generator: Generator,
+                 doc_score_scale: float | None = None) -> None:
+        super().__init__()
+        if doc_score_scale is None:
+            doc_score_scale = DEFAULT_NORMALISED_SCALE if query_encoder.normalize else 1.0
+        if not doc_score_scale > 0:
+            raise ValueError(f"doc_score_scale must be > 0, got {doc_score_scale}")
+        self.query_encoder = query_encoder
+        self.generator = generator
+        self.doc_score_scale = float(doc_score_scale)
+
+    def doc_scores(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
+        """scale · q(x)ᵀ d(z) for the K retrieved documents (B, K), differentiable in both inputs."""
+        return self.doc_score_scale * torch.einsum("bd,bkd->bk", query_vectors, doc_vectors)  # (B, K)
+
+    def encode_queries(self, questions: list[str]) -> torch.Tensor:
+        """q(x) with gradient (B, d)."""
+        batch = self.query_encoder.tokenize(questions)
+        device = next(self.query_encoder.parameters()).device
+        return self.query_encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, d)
+
+    def loss(self, questions: list[str], answers: list[str], titles: list[list[str]], texts: list[list[str]],
+             doc_vectors: np.ndarray | torch.Tensor, variant: Variant = "sequence", *, epsilon: float = 0.0,
+             exclude_bos_score: bool = False) -> torch.Tensor:
+        """Mean negative marginal log-likelihood of the answers (scalar)."""
+        if variant not in ("sequence", "token"):
+            raise ValueError(f"variant must be 'sequence' or 'token', got {variant!r}")
+        query = self.encode_queries(questions)  # (B, d)
+        docs = torch.as_tensor(doc_vectors, dtype=query.dtype, device=query.device)  # (B, K, d)
+        scores = self.doc_scores(query, docs)  # (B, K)
+        gen = self.generator
+        ctx = gen.contexts(questions, titles, texts)
+        target, mask = gen.answer_targets(answers)  # (B, T), (B, T)
+        log_probs = gen.log_probs(ctx, target, mask)  # (B, K, T, V)
+        nll_fn = rag_sequence_nll if variant == "sequence" else rag_token_nll
+        nll = nll_fn(log_probs, scores.float(), target, pad_id=gen.pad_id, target_mask=mask, epsilon=epsilon,
+                     exclude_bos_score=exclude_bos_score, bos_id=gen.bos_id)  # (B,)
+        return nll.mean()
+
+    @torch.no_grad()
+    def generate(self, questions: list[str], titles: list[list[str]], texts: list[list[str]],
+                 doc_scores: np.ndarray | torch.Tensor, mode: Variant = "sequence",
+                 decoding: Literal["thorough", "fast"] = "thorough", num_beams: int = 4,
+                 max_new_tokens: int = 32) -> list[str]:
+        """Answer each question from its K passages; returns one string per question."""
+        if mode not in ("sequence", "token"):
+            raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
+        if decoding not in ("thorough", "fast"):
+            raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
+        config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
+        ctx = self.generator.contexts(questions, titles, texts)
+        scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
+        if mode == "token":
+            tokens = rag_token_generate(self.generator, ctx, scores, config)  # (B, T)
+        else:
+            tokens = rag_sequence_generate(self.generator, ctx, scores, config, thorough=decoding == "thorough")
+        return self.generator.decode(tokens)
