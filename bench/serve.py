@@ -1,0 +1,175 @@
+"""Bounded load on the Serve app over HTTP on 127.0.0.1: throughput, p50/p99, Serve overhead, batching.
+
+Starts a local Ray and the app (tiny models by default, `--default-models` for the real ones)
+over an index it builds in a temporary folder, sends `--requests` answers at each concurrency,
+then redeploys with batching off and repeats the highest concurrency. Serve overhead = client
+end-to-end latency minus the model time the replicas measured in process (retrieve + generate).
+The last line printed is one JSON object with every figure.
+
+    python bench/serve.py                       # tiny models, 500 requests at 1, 8, 16
+    python bench/serve.py --requests 200 --default-models --num-beams 4 --max-new-tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=500, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,8,16", help="comma-separated levels")
+    parser.add_argument("--default-models", action="store_true",
+                        help="all-MiniLM-L6-v2 + SmolLM2-135M instead of tiny random models")
+    parser.add_argument("--corpus-limit", type=int, default=2000, help="passages of the default corpus")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--n-docs", type=int, default=5)
+    # Tiny random generators rarely emit EOS, so they decode every one of max_new_tokens.
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+    if args.requests < 1 or min(args.levels) < 1:
+        raise SystemExit(f"--requests and --concurrency must be ≥ 1, got {args.requests}, {args.levels}")
+    return args
+
+
+def build_index_and_models(args: argparse.Namespace, tmp: Path) -> tuple[dict, list]:
+    """The app args: an index over the first passages of the default corpus, the chosen models."""
+    from cluster.encoders import save_tiny_encoder
+    from cluster.index_build import build_index
+    from cluster.passages import load_corpus
+    from services.models import save_tiny_generator
+
+    if args.default_models:
+        encoder, generator = "default", "default"
+    else:
+        encoder = save_tiny_encoder(tmp / "encoder")
+        generator = save_tiny_generator(tmp / "generator")
+    passages = load_corpus("default", limit=args.corpus_limit)
+    build_index(passages, tmp / "index", encoder=encoder, shards=args.shards, show_progress=False)
+    return {"index": {"root": str(tmp / "index"), "follow_s": 0, "shard_num_cpus": 0.25},
+            "models": {"query_encoder": encoder, "generator": generator},
+            "retriever": {"num_cpus": 0.25},
+            "generator": {"num_cpus": 0.5, "torch_threads": 2}}, passages
+
+
+def deploy(app_args: dict, batch_size: int) -> None:
+    from ray import serve
+
+    from services.app import build_app
+
+    batch = {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.0}
+    args = {**app_args, "retriever": {**app_args["retriever"], "batch": batch},
+            "generator": {**app_args["generator"], "batch": batch}}
+    serve.run(build_app(args), name="bench", route_prefix="/")
+
+
+async def load(url: str, questions: list[str], concurrency: int, body: dict) -> dict:
+    """Send every question with at most `concurrency` in flight; latency and model-time stats."""
+    latencies, model_ms, ingress_ms, failures = [], [], [], 0
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for question in questions:
+        queue.put_nowait(question)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while not queue.empty():
+            question = queue.get_nowait()
+            start = time.perf_counter()
+            response = await client.post("/v1/answer", json={**body, "question": question})
+            latencies.append((time.perf_counter() - start) * 1000)
+            if response.status_code != 200:
+                failures += 1
+                continue
+            timings = response.json()["timings_ms"]
+            model_ms.append(timings["retrieve"] + timings["generate"])
+            ingress_ms.append(timings["total"])
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    lat = np.array(latencies)
+    if failures:
+        raise RuntimeError(f"{failures} of {len(questions)} requests failed at concurrency {concurrency}")
+    overhead = lat - np.array(model_ms)  # (N,) HTTP + proxy + ingress + handle hops + queueing
+    proxy = lat - np.array(ingress_ms)  # (N,) the part outside the ingress replica
+    return {"concurrency": concurrency, "requests": len(questions), "failures": failures,
+            "throughput_rps": len(questions) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "overhead_ms_p50": float(np.percentile(overhead, 50)),
+            "proxy_ms_p50": float(np.percentile(proxy, 50))}
+
+
+def run_levels(url: str, questions: list[str], levels: list[int], body: dict, tag: str) -> list[dict]:
+    asyncio.run(load(url, questions[: max(levels) * 2], max(levels), body))  # warm-up
+    results = []
+    for level in levels:
+        result = asyncio.run(load(url, questions, level, body))
+        results.append({"batching": tag, **result})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+    from ray import serve
+
+    args = parse_args(argv)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             num_cpus=max(4, os.cpu_count() or 1))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    body = {"n_docs": args.n_docs, "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens, "mode": "sequence", "decoding": "fast"}
+    with tempfile.TemporaryDirectory(prefix="rayrag-bench-") as tmp:
+        app_args, passages = build_index_and_models(args, Path(tmp))
+        rng = np.random.default_rng(0)
+        picks = rng.integers(0, len(passages), args.requests)
+        questions = [f"What is known about {passages[i].title}?" for i in picks]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            deploy(app_args, args.max_batch_size)
+            on = run_levels(url, questions, args.levels, body, "on")
+            deploy(app_args, 1)
+            off = run_levels(url, questions, [max(args.levels)], body, "off")
+        finally:
+            serve.shutdown()
+    by_level = {r["concurrency"]: r for r in on}
+    top = max(args.levels)
+    summary = {
+        "models": "default" if args.default_models else "tiny", "requests": args.requests,
+        "overhead_ms_p50": by_level[min(args.levels)]["overhead_ms_p50"],
+        "batching_speedup_c16" if top == 16 else f"batching_speedup_c{top}":
+            by_level[top]["throughput_rps"] / off[0]["throughput_rps"],
+        "p99_ms_c8": by_level.get(8, {}).get("p99_ms"),
+        "levels": on + off,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The Serve app over real HTTP on 127.0.0.1: endpoints, OpenAI client, provenance, bad input, swap."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.passages import Passage
+
+TOKEN = "test-admin-token"
+COLORS = ["red", "green", "blue", "amber", "violet", "silver", "golden", "black"]
+CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Hanoi", "Dakar"]
+
+
+def _corpus(words: list[str], prefix: str) -> list[Passage]:
+    return [Passage(id=i, title=f"{prefix} {i}",
+                    text=f"The {COLORS[i % 8]} {word} was first seen in {CITIES[(i * 3) % 8]}.")
+            for i, word in enumerate(words)]
+
+
+CORPUS_V1 = _corpus([f"falcon{i}" for i in range(24)], "Bird")
+CORPUS_V2 = _corpus([f"comet{i}" for i in range(24)], "Sky")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, tmp_path_factory):
+    """Tiny encoder + tiny causal generator, a 2-shard index (v0001 published, v0002 not), served."""
+    from ray import serve
+
+    from cluster.encoders import save_tiny_encoder
+    from cluster.index_build import build_index
+    from services.app import build_app
+    from services.models import save_tiny_generator
+
+    tmp = tmp_path_factory.mktemp("serve")
+    encoder = save_tiny_encoder(tmp / "encoder")
+    generator = save_tiny_generator(tmp / "generator")
+    root = tmp / "index"
+    assert build_index(CORPUS_V1, root, encoder=encoder, shards=2, show_progress=False) == "v0001"
+    assert build_index(CORPUS_V2, root, encoder=encoder, shards=2, publish=False,
+                       show_progress=False) == "v0002"
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"index": {"root": str(root), "follow_s": 0.3},
+            "models": {"query_encoder": encoder, "generator": generator},
+            "retriever": {"num_cpus": 0.5}, "generator": {"num_cpus": 0.5},
+            "admin_token": TOKEN}
+    serve.run(build_app(args), name="rayrag-test", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield {"client": client, "root": root, "encoder": encoder, "port": port}
+    serve.shutdown()
+
+
+def _answer(client: httpx.Client, question: str, **options) -> dict:
+    response = client.post("/v1/answer", json={"question": question, **options})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("mode,decoding", [("sequence", "fast"), ("sequence", "thorough"),
+                                           ("token", "fast")])
+def test_answer_carries_provenance(app, mode, decoding):
+    body = _answer(app["client"], "Where was the red falcon0 seen?", n_docs=4, mode=mode,
+                   decoding=decoding, num_beams=2, max_new_tokens=6)
+    assert isinstance(body["answer"], str) and body["mode"] == mode
+    assert body["index_version"] == "v0001"
+    assert len(body["docs"]) == 4 and {d["id"] for d in body["docs"]} <= set(range(24))
+    probs = np.array([d["prob"] for d in body["docs"]])
+    assert abs(probs.sum() - 1) < 1e-5
+    scores = np.array([d["score"] for d in body["docs"]])
+    np.testing.assert_allclose(probs, np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum(),
+                               rtol=1e-5)
+    timings = body["timings_ms"]
+    assert timings["total"] >= timings["retrieve"] + timings["generate"] > 0
+
+
+def test_provenance_matches_the_shard_group(app):
+    """Docs of /v1/answer and /v1/retrieve are what one driver-side ShardGroup returns."""
+    from cluster.encoders import TextEncoder
+    from cluster.shard_group import ShardGroup, ShardGroupConfig
+
+    questions = ["Where was the blue falcon2 seen?", "golden falcon5 Perth"]
+    group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
+    try:
+        reference = group.search(TextEncoder.from_pretrained(app["encoder"]).encode(questions), k=5)
+    finally:
+        group.close()
+    retrieved = app["client"].post("/v1/retrieve", json={"questions": questions, "k": 5}).json()
+    assert retrieved["index_version"] == "v0001"
+    for b, question in enumerate(questions):
+        answer = _answer(app["client"], question, n_docs=5, num_beams=1, max_new_tokens=2)
+        for docs in (answer["docs"], retrieved["results"][b]):
+            assert [d["id"] for d in docs] == reference.ids[b].tolist()
+            assert [d["title"] for d in docs] == reference.titles[b]
+            assert [d["text"] for d in docs] == reference.texts[b]
+        np.testing.assert_allclose([d["score"] for d in retrieved["results"][b]],
+                                   reference.scores[b], rtol=1e-4, atol=1e-5)
+        assert CORPUS_V1[reference.ids[b][0]].text == reference.texts[b][0]
+
+
+def test_openai_client_plain_and_streaming(app):
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key="unused")
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Where was the green falcon1 seen?"}]
+    extra = {"n_docs": 3, "num_beams": 2}
+    plain = client.chat.completions.create(model="rayrag", messages=messages, max_tokens=5,
+                                           extra_body=extra)
+    content = plain.choices[0].message.content
+    docs = plain.model_extra["docs"]
+    assert plain.choices[0].finish_reason == "stop" and len(docs) == 3
+    marks = [int(m) for m in plain.model_extra["citations"]]
+    assert marks and all(f"[{m}]" in content for m in marks) and max(marks) <= 3
+
+    stream = client.chat.completions.create(model="rayrag", messages=messages, max_tokens=5,
+                                            extra_body=extra, stream=True)
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == content  # the same deterministic beam search answer
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert [d["id"] for d in chunks[-1].model_extra["docs"]] == [d["id"] for d in docs]
+
+
+def test_health_and_index(app):
+    health = app["client"].get("/healthz")
+    assert health.status_code == 200 and health.json()["index_version"] in ("v0001", "v0002")
+    index = app["client"].get("/v1/index").json()
+    assert index["passages"] == 24 and index["shards"] == 2
+    assert index["versions"] == ["v0001", "v0002"] and index["published"] == "v0001"
+
+
+BAD_INPUT = [
+    ("/v1/answer", b"{not json", 400, "not valid JSON"),
+    ("/v1/answer", b'{"question": "caf\xe9"}', 400, "UTF-8"),
+    ("/v1/answer", b"", 400, "empty"),
+    ("/v1/answer", b'["question"]', 400, "JSON object"),
+    ("/v1/answer", b"{}", 422, "question"),
+    ("/v1/answer", b'{"question": "   "}', 422, "must not be empty"),
+    ("/v1/answer", b'{"question": "\\ud800 x"}', 422, "lone surrogate"),
+    ("/v1/answer", json.dumps({"question": "x" * 2001}).encode(), 422, "limit is 2000"),
+    ("/v1/answer", b'{"question": "q", "n_docs": 0}', 422, "n_docs"),
+    ("/v1/answer", b'{"question": "q", "n_docs": 51}', 422, "n_docs"),
+    ("/v1/answer", b'{"question": "q", "mode": "beam"}', 422, "mode"),
+    ("/v1/answer", b'{"question": "q", "decoding": "greedy"}', 422, "decoding"),
+    ("/v1/answer", json.dumps({"question": "q", "pad": "x" * 70000}).encode(), 413, "limit"),
+    ("/v1/retrieve", b'{"k": 3}', 422, "exactly one"),
+    ("/v1/retrieve", b'{"question": "q", "k": 99}', 422, "k"),
+    ("/v1/chat/completions", b'{"messages": []}', 422, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "hi"}]}', 422, "user"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,needle", BAD_INPUT)
+def test_bad_input_gets_its_4xx(app, path, body, status, needle):
+    response = app["client"].post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def test_oversized_chunked_body_is_refused(app):
+    chunks = (b'{"question": "' + b"x" * 8192 for _ in range(10))
+    response = app["client"].post("/v1/answer", content=chunks)
+    assert response.status_code == 413
+
+
+def test_replica_survives_bad_input(app):
+    for path, body, _, _ in BAD_INPUT:
+        app["client"].post(path, content=body)
+    assert _answer(app["client"], "Where was the red falcon0 seen?", num_beams=1,
+                   max_new_tokens=2)["index_version"] == "v0001"
+
+
+def _served_version(client: httpx.Client, want: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (version := client.get("/v1/index").json()["version"]) != want:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return version
+
+
+def test_serving_follows_the_published_pointer(app):
+    from cluster.index_store import publish
+
+    client = app["client"]
+    publish(app["root"], "v0002")
+    assert _served_version(client, "v0002") == "v0002"
+    assert _answer(client, "comet3", num_beams=1, max_new_tokens=2)["index_version"] == "v0002"
+    publish(app["root"], "v0001")
+    assert _served_version(client, "v0001") == "v0001"
+
+
+def test_admin_swap_needs_the_token(app):
+    client = app["client"]
+    assert client.post("/v1/admin/index/swap", json={"version": "v0002"}).status_code == 401
+    wrong = {"authorization": "Bearer nope"}
+    assert client.post("/v1/admin/index/swap", json={"version": "v0002"},
+                       headers=wrong).status_code == 403
+    unknown = client.post("/v1/admin/index/swap", json={"version": "v0009"},
+                          headers={"authorization": f"Bearer {TOKEN}"})
+    assert unknown.status_code == 404
+    assert client.get("/v1/index").json()["version"] == "v0001"
+
+
+def test_swap_during_traffic_drops_nothing(app):
+    """A stream of requests runs while v0001 → v0002: none fails, each cites one version's
+    passages, and every request sent after the swap returned cites v0002."""
+    client, answered, swapped = app["client"], threading.Event(), threading.Event()
+
+    def stream(worker: int) -> list[tuple[bool, dict]]:
+        out, i = [], 0
+        while True:
+            sent_after_swap = swapped.is_set()
+            out.append((sent_after_swap, _answer(client, f"the {COLORS[(worker + i) % 8]} thing",
+                                                 n_docs=3, num_beams=1, max_new_tokens=2)))
+            answered.set()
+            i += 1
+            if sent_after_swap and i >= 2:
+                return out
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(stream, w) for w in range(3)]
+        assert answered.wait(60)
+        swap = client.post("/v1/admin/index/swap", json={"version": "v0002"},
+                           headers={"authorization": f"Bearer {TOKEN}"})
+        swapped.set()
+        results = [r for f in streams for r in f.result(timeout=120)]
+    assert swap.status_code == 200, swap.text
+    assert swap.json() == {"version": "v0002", "replicas": 1, "previous": "v0001"}
+    texts = {"v0001": {p.text for p in CORPUS_V1}, "v0002": {p.text for p in CORPUS_V2}}
+    assert {body["index_version"] for _, body in results} == {"v0001", "v0002"}
+    for sent_after_swap, body in results:
+        assert {d["text"] for d in body["docs"]} <= texts[body["index_version"]]
+        assert body["index_version"] == "v0002" or not sent_after_swap
+    assert client.get("/v1/index").json()["version"] == "v0002"
