@@ -4,5 +4,200 @@ from __future__ import annotations
 import argparse
 
 
+def run_ask(args: argparse.Namespace) -> int:
+    """`ask --local`: answer one question in this process and print the answer with its sources."""
+    from services.local import LocalConfig, LocalRag
+
+    config = LocalConfig(
+        corpus=args.corpus, limit=args.limit, encoder=args.encoder, doc_encoder=args.doc_encoder,
+        generator=args.generator, n_docs=args.n_docs, mode=args.mode, decoding=args.decoding,
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir,
+    )
+    [answer] = LocalRag.from_config(config).ask([args.question])
+    print(f"Answer: {answer.answer}")
+    print("Sources:")
+    for rank, source in enumerate(answer.sources, start=1):
+        print(f"  {rank}. {source.title} (score {source.score:.3f}, passage {source.id})")
+    return 0
+
+
+def _add_ask(subcommands: argparse._SubParsersAction) -> None:
+    ask = subcommands.add_parser("ask", help="answer a question with RAG (--local: one process, no Ray)")
+    ask.add_argument("question")
+    ask.add_argument("--local", action="store_true", help="load everything in this process")
+    ask.add_argument("--corpus", default="default", help="default | squad-open | FILE.jsonl | FILE.json")
+    ask.add_argument("--limit", type=int, default=None, help="use only the first N passages")
+    ask.add_argument("--n-docs", type=int, default=5, help="passages retrieved (K)")
+    ask.add_argument("--mode", choices=["sequence", "token"], default="sequence",
+                     help="RAG-Sequence or RAG-Token")
+    ask.add_argument("--decoding", choices=["thorough", "fast"], default="fast",
+                     help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)")
+    ask.add_argument("--num-beams", type=int, default=4)
+    ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.add_argument("--encoder", default="default", help="query encoder: name or path")
+    ask.add_argument("--doc-encoder", default=None, help="document encoder (default: same as --encoder)")
+    ask.add_argument("--generator", default="default", help="generator: name, path or .gguf file")
+    ask.add_argument("--cache-dir", default=None,
+                     help="converted models and vectors (default $RAYRAG_CACHE, else ~/.cache/rayrag)")
+    ask.set_defaults(run=run_ask)
+
+
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands; each sets `run(args) -> int`."""
+    _add_ask(subcommands)
+    _add_serving(subcommands)
+
+
+# ---- serving: `rayrag serve` (the main job) and `rayrag ask` over HTTP (owner: serving) ----
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _default_config_path() -> str:
+    from pathlib import Path
+
+    local = Path("deploy.yaml")
+    return str(local if local.is_file() else Path(__file__).resolve().parents[1] / "deploy.yaml")
+
+
+def _read_serve_config(path: str) -> tuple[dict, dict]:
+    """(http_options, the first application) of a Serve config file such as deploy.yaml."""
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        config = yaml.safe_load(file) or {}
+    apps = config.get("applications") or []
+    if len(apps) != 1 or apps[0].get("import_path") != "services.app:build_app":
+        raise ValueError(f"{path}: expected one application with import_path services.app:build_app")
+    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
+    return http, apps[0]
+
+
+def _start_ray() -> None:
+    """The cluster at $RAY_ADDRESS when set, else a local Ray bound to 127.0.0.1."""
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+
+
+def _ensure_index(index: dict) -> None:
+    """Build and publish the index the app serves when its root has no published version."""
+    from pathlib import Path
+
+    from cluster.index_build import build_index
+    from cluster.index_store import published_version
+    from cluster.passages import load_corpus
+    from services.deployments import default_index_root
+
+    root = Path(index.get("root") or default_index_root()).expanduser()
+    if published_version(root) is not None:
+        print(f"index: {root} (version {published_version(root)})", flush=True)
+        return
+    corpus = index.get("corpus", "default")
+    print(f"index: none at {root}; building it from corpus {corpus!r} (once)", flush=True)
+    passages = load_corpus(corpus)
+    version = build_index(passages, root, encoder=index.get("encoder", "default"),
+                          shards=int(index.get("shards", 1)))
+    print(f"index: built and published {version} ({len(passages)} passages)", flush=True)
+
+
+def _warm_models(models: dict) -> None:
+    """Convert the default generator once here (≈40 s) so replicas load it in under a second."""
+    from services.models import cached_gguf, default_gguf_path
+
+    if models.get("generator", "default") == "default":
+        print("models: preparing the default generator (converted once, then cached)", flush=True)
+        cached_gguf(default_gguf_path())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """The main job: Ray, the index (built if absent), the models, the Serve app; until Ctrl-C."""
+    import signal
+    import time
+
+    from ray import serve
+
+    from services.app import build_app
+
+    http, app = _read_serve_config(args.config)
+    if args.port is not None:
+        http["port"] = args.port
+    app_args = dict(app.get("args") or {})
+    if args.generator:
+        app_args["models"] = {**(app_args.get("models") or {}), "generator": args.generator}
+    _start_ray()
+    _ensure_index(app_args.get("index") or {})
+    _warm_models(app_args.get("models") or {})
+    serve.start(http_options=http)
+    serve.run(build_app(app_args), name=app.get("name", "rayrag"),
+              route_prefix=app.get("route_prefix", "/"))
+    url = f"http://{http['host']}:{http['port']}"
+    print(f"\nrayrag is serving on {url} (API docs: {url}/docs). Try:\n"
+          f"  rayrag ask \"Who directed 2001: A Space Odyssey?\"\n"
+          f"  curl -s {url}/v1/answer -H 'content-type: application/json' "
+          f"-d '{{\"question\": \"Who directed 2001: A Space Odyssey?\"}}'\n"
+          f"Ctrl-C stops it.", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping rayrag", flush=True)
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def ask_http(args: argparse.Namespace) -> int:
+    """`rayrag ask` against the running app: POST /v1/answer, print the answer and sources."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {"question": args.question, "n_docs": args.n_docs, "mode": args.mode,
+            "decoding": args.decoding, "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens}
+    request = urllib.request.Request(f"{args.url.rstrip('/')}/v1/answer",
+                                     data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as error:
+        raise ValueError(json.load(error).get("error", {}).get("message", str(error))) from error
+    except (urllib.error.URLError, ConnectionError) as error:
+        raise ValueError(f"no rayrag server at {args.url} ({error}); start one with "
+                         f"`rayrag serve`, or use `rayrag ask --local`") from error
+    print(f"Answer: {answer['answer']}")
+    print(f"Sources (index {answer['index_version']}, {answer['mode']}):")
+    for rank, doc in enumerate(answer["docs"], start=1):
+        print(f"  [{rank}] {doc['title']} (p={doc['prob']:.2f}, passage {doc['id']}): "
+              f"{doc['text'][:100]}")
+    return 0
+
+
+def _run_ask_any(args: argparse.Namespace) -> int:
+    return run_ask(args) if args.local else ask_http(args)
+
+
+def _add_serving(subcommands: argparse._SubParsersAction) -> None:
+    serve_cmd = subcommands.add_parser(
+        "serve", help="the main job: build the index if absent, serve RAG on 127.0.0.1:8000")
+    serve_cmd.add_argument("--config", default=_default_config_path(),
+                           help="a Serve config file (default: deploy.yaml)")
+    serve_cmd.add_argument("--port", type=int, default=None, help="override http_options.port")
+    serve_cmd.add_argument("--generator", default=None,
+                           help="generator name or path (e.g. a training checkpoint export)")
+    serve_cmd.set_defaults(run=run_serve)
+    ask = subcommands.choices["ask"]
+    ask.add_argument("--url", default=DEFAULT_URL, help="the running app (without --local)")
+    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    ask.set_defaults(run=_run_ask_any)
