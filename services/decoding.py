@@ -39,6 +39,7 @@ class Beams:
 
     tokens: torch.Tensor  # (G, n, T) padded with pad_id
     scores: torch.Tensor  # (G, n) length-penalised log-probs
+    token_log_probs: torch.Tensor  # (G, n, T) the model's log p(token_t | prefix), 0 at pads
 
 
 def beam_search(first: torch.Tensor, step: StepFn, *, eos_id: int, pad_id: int,
@@ -47,19 +48,23 @@ def beam_search(first: torch.Tensor, step: StepFn, *, eos_id: int, pad_id: int,
 
     first: log-probs (G, n, V) of the first token (rows of a group start identical).
     step(tokens (G, n), source (G, n)) -> log-probs (G, n, V): beam j now continues old beam
-    source[g, j] of its group and appends tokens[g, j].
+    source[g, j] of its group and appends tokens[g, j]. The token log-probs returned are the
+    model's own, also where `forced_eos_id` overrides the choice at the last step.
     """
     groups, n, vocab = first.shape
     t_max, device = config.max_new_tokens, first.device
     run_tokens = torch.full((groups, n, t_max), pad_id, dtype=torch.long, device=device)  # (G, n, T)
     run_scores = torch.full((groups, n), NEG, device=device)  # (G, n)
     run_scores[:, 0] = 0.0
+    run_lp = torch.zeros((groups, n, t_max), device=device)  # (G, n, T)
     fin_tokens, fin_scores = run_tokens.clone(), torch.full((groups, n), NEG, device=device)
+    fin_lp = run_lp.clone()
     fin_flag = torch.zeros((groups, n), dtype=torch.bool, device=device)  # (G, n)
     open_ = torch.ones((groups, 1), dtype=torch.bool, device=device)  # early-stop heuristic unsatisfied
     top_n = torch.arange(2 * n, device=device) < n  # (2n,)
     log_probs = first
     for t in range(t_max):
+        model_lp = log_probs.reshape(groups, n * vocab)  # (G, n*V)
         if forced_eos_id is not None and t == t_max - 1:
             log_probs = torch.full_like(log_probs, float("-inf"))
             log_probs[..., forced_eos_id] = 0.0
@@ -68,30 +73,33 @@ def beam_search(first: torch.Tensor, step: StepFn, *, eos_id: int, pad_id: int,
         source, token = cand_index // vocab, cand_index % vocab  # (G, 2n)
         cand_tokens = run_tokens.gather(1, source[..., None].expand(-1, -1, t_max))  # (G, 2n, T)
         cand_tokens[:, :, t] = token
+        cand_lp = run_lp.gather(1, source[..., None].expand(-1, -1, t_max))  # (G, 2n, T)
+        cand_lp[:, :, t] = model_lp.gather(1, cand_index)
         hits = (token == eos_id) | (t + 1 >= t_max)  # (G, 2n)
         keep_scores = cand_scores + hits.float() * NEG
         keep = keep_scores.topk(n, dim=1).indices  # (G, n)
         run_tokens = cand_tokens.gather(1, keep[..., None].expand(-1, -1, t_max))  # (G, n, T)
+        run_lp = cand_lp.gather(1, keep[..., None].expand(-1, -1, t_max))  # (G, n, T)
         run_scores, run_source = keep_scores.gather(1, keep), source.gather(1, keep)  # (G, n)
         done_scores = cand_scores / ((t + 1) ** config.length_penalty)  # (G, 2n)
         done_scores = done_scores + (~open_).float() * NEG + (~(hits & top_n)).float() * NEG
-        fin_tokens, fin_scores, fin_flag = _merge_finished(
-            (fin_tokens, fin_scores, fin_flag), (cand_tokens, done_scores, hits & top_n), n)
+        fin_scores, fin_flag, fin_tokens, fin_lp = _merge_finished(
+            (fin_scores, fin_flag, fin_tokens, fin_lp), (done_scores, hits & top_n, cand_tokens, cand_lp), n)
         best_running = run_scores[:, :1] / ((t + 1) ** config.length_penalty)  # (G, 1)
         worst_done = torch.where(fin_flag, fin_scores.min(1, keepdim=True).values, NEG)  # (G, n)
         open_ = open_ & (best_running > worst_done).any(1, keepdim=True)
         if not open_.any() or hits.all():
             break
         log_probs = step(run_tokens[:, :, t], run_source)
-    return Beams(fin_tokens, fin_scores)
+    return Beams(fin_tokens, fin_scores, fin_lp)
 
 
 def _merge_finished(old: tuple, new: tuple, n: int) -> tuple:
-    """Keep the best n of the finished hypotheses so far and the ones finished this step."""
-    tokens, scores, flags = (torch.cat([a, b], dim=1) for a, b in zip(old, new, strict=True))
-    best = scores.topk(n, dim=1).indices  # (G, n)
-    return (tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[2])),
-            scores.gather(1, best), flags.gather(1, best))
+    """Keep the best n (by the first tensor, the scores) of the finished hypotheses so far and this step's."""
+    merged = [torch.cat([a, b], dim=1) for a, b in zip(old, new, strict=True)]  # each (G, 2n+n, ...)
+    best = merged[0].topk(n, dim=1).indices  # (G, n)
+    return tuple(x.gather(1, best.view(*best.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+                 for x in merged)
 
 
 def generated_mask(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -127,7 +135,8 @@ def rag_sequence_generate(generator: Generator, ctx: Contexts, doc_scores: torch
     """RAG-Sequence: beams per document, then each distinct hypothesis scored by p(y|x); (B, T) best.
 
     thorough: p(y|x,z) is computed for every document; fast: taken as 0 for documents whose
-    beam search did not produce y.
+    beam search did not produce y. A hypothesis's token log-probs under the document whose beams
+    produced it come from the beam search itself; only the other documents are rescored.
     """
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
     state, first = generator.start(ctx, n)
@@ -139,22 +148,31 @@ def rag_sequence_generate(generator: Generator, ctx: Contexts, doc_scores: torch
 
     beams = beam_search(first.view(b * k, n, -1), step, eos_id=generator.eos_id, pad_id=generator.pad_id,
                         forced_eos_id=generator.forced_eos_id, config=config)
-    hyps = beams.tokens.view(b, k * n, -1)  # (B, K*n, T)
-    owner = torch.arange(b, device=hyps.device).repeat_interleave(k * n)  # (B*K*n,)
-    keyed = torch.cat([owner[:, None], hyps.reshape(b * k * n, -1)], dim=1)  # (B*K*n, 1+T)
-    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # (N, 1+T), (B*K*n,)
-    example, cands = unique[:, 0], unique[:, 1:]  # (N,), (N, T)
-    produced = torch.zeros((unique.shape[0], k), dtype=torch.bool, device=hyps.device)  # (N, K)
-    produced[inverse, torch.arange(k, device=hyps.device).repeat_interleave(n).repeat(b)] = True
+    example, cands, inverse = _distinct_hypotheses(beams.tokens.view(b, k * n, -1))  # (N,), (N, T), (B*K*n,)
+    row_doc = torch.arange(k, device=cands.device).repeat_interleave(n).repeat(b)  # (B*K*n,)
+    produced = torch.zeros((cands.shape[0], k), dtype=torch.bool, device=cands.device)  # (N, K)
+    produced[inverse, row_doc] = True
+    token_ll = torch.zeros((cands.shape[0], k, cands.shape[1]), device=cands.device)  # (N, K, T)
+    token_ll[inverse, row_doc] = beams.token_log_probs.view(b * k * n, -1)
     pairs = produced if not thorough else torch.ones_like(produced)  # (N, K)
-    cand_idx, doc_idx = pairs.nonzero(as_tuple=True)  # (P,), (P,)
+    cand_idx, doc_idx = (pairs & ~produced).nonzero(as_tuple=True)  # (P,), (P,)
+    if cand_idx.numel():
+        token_ll[cand_idx, doc_idx] = generator.score(state, example[cand_idx] * k + doc_idx, cands[cand_idx])
     mask = generated_mask(cands, generator.eos_id, generator.pad_id)  # (N, T)
-    token_ll = torch.zeros((*pairs.shape, cands.shape[1]), device=hyps.device)  # (N, K, T)
-    token_ll[cand_idx, doc_idx] = generator.score(state, example[cand_idx] * k + doc_idx, cands[cand_idx])
     nll = rag_sequence_nll(token_ll, doc_scores.float()[example], cands, pad_id=generator.pad_id,
                            target_mask=mask, exclude_bos_score=True, bos_id=generator.bos_id,
                            doc_mask=pairs)  # (N,)
     return _best_per_example(nll, example, cands, b)
+
+
+def _distinct_hypotheses(hyps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct rows of hyps (B, M, T) per example: their example (N,), tokens (N, T) grouped by
+    example, and the index (B*M,) of each input row among them."""
+    b, m, _ = hyps.shape
+    owner = torch.arange(b, device=hyps.device).repeat_interleave(m)  # (B*M,)
+    keyed = torch.cat([owner[:, None], hyps.reshape(b * m, -1)], dim=1)  # (B*M, 1+T)
+    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # (N, 1+T), (B*M,)
+    return unique[:, 0], unique[:, 1:], inverse
 
 
 def _best_per_example(nll: torch.Tensor, example: torch.Tensor, cands: torch.Tensor, b: int) -> torch.Tensor:

@@ -145,9 +145,17 @@ class Generator(torch.nn.Module, ABC):
     def _score_chunk(self, state: DecodeState, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
 
+def _cache_over(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache that holds these (keys, values) per layer as they are (its constructor would copy them)."""
+    cache = DynamicCache([(keys[..., :0, :], values[..., :0, :]) for keys, values in kv])
+    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+        layer.keys, layer.values = keys, values
+    return cache
+
+
 def _gather_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (P, T, V)
-    return log_probs.gather(-1, target[..., None]).squeeze(-1)  # (P, T)
+    logits = logits.float()  # (P, T, V)
+    return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (P, T)
 
 
 class Seq2SeqGenerator(Generator):
@@ -186,14 +194,17 @@ class Seq2SeqGenerator(Generator):
     @torch.no_grad()
     def start(self, ctx: Contexts, copies: int) -> tuple[DecodeState, torch.Tensor]:
         hidden = self.model.get_encoder()(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask).last_hidden_state
-        rows = torch.arange(ctx.input_ids.shape[0], device=hidden.device).repeat_interleave(copies)  # (R,)
-        state = DecodeState(EncoderDecoderCache(DynamicCache(), DynamicCache()), ctx.attention_mask[rows],
-                            hidden[rows], prefix={"hidden": hidden, "mask": ctx.attention_mask})
-        start = torch.full((rows.shape[0],), self.start_id, dtype=torch.long, device=rows.device)  # (R,)
-        first = self.step(state, start)  # (R, V)
+        state = DecodeState(EncoderDecoderCache(DynamicCache(), DynamicCache()), ctx.attention_mask, hidden,
+                            prefix={"hidden": hidden, "mask": ctx.attention_mask})
+        start = torch.full((hidden.shape[0],), self.start_id, dtype=torch.long, device=hidden.device)  # (B*K,)
+        first = self.step(state, start)  # (B*K, V): the first step is the same for every copy of a context
         cross = state.cache.cross_attention_cache.layers
-        state.prefix["cross"] = [(layer.keys[::copies], layer.values[::copies]) for layer in cross]
-        return state, first
+        state.prefix["cross"] = [(layer.keys, layer.values) for layer in cross]
+        rows = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(copies)  # (R,)
+        state.cache.reorder_cache(rows)  # self- and cross-attention caches
+        # Once the cross-attention keys are cached, the decoder reads only the encoder states' shape.
+        state.attention_mask, state.encoder_hidden = ctx.attention_mask[rows], hidden[:1].expand(rows.shape[0], -1, -1)
+        return state, first[rows]
 
     @torch.no_grad()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -208,7 +219,7 @@ class Seq2SeqGenerator(Generator):
 
     @torch.no_grad()
     def _score_chunk(self, state: DecodeState, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        cross = DynamicCache([(keys[rows], values[rows]) for keys, values in state.prefix["cross"]])
+        cross = _cache_over([(keys[rows], values[rows]) for keys, values in state.prefix["cross"]])
         # The cross-attention keys come from the cache; the decoder reads only the encoder
         # states' shape then, so a broadcast view stands in for them.
         hidden = state.prefix["hidden"][:1].expand(rows.shape[0], -1, -1)  # (P, L, d)
@@ -291,7 +302,7 @@ class CausalGenerator(Generator):
         first = state.prefix["first"][rows].gather(1, target[:, :1])  # (P, 1)
         if target.shape[1] == 1:
             return first
-        cache = DynamicCache([(keys[rows], values[rows]) for keys, values in state.prefix["kv"]])
+        cache = _cache_over([(keys[rows], values[rows]) for keys, values in state.prefix["kv"]])
         follow = target[:, :-1]  # (P, T-1)
         mask = torch.cat([state.prefix["mask"][rows], torch.ones_like(follow)], dim=1)  # (P, L+T-1)
         positions = state.prefix["mask"][rows].sum(1, keepdim=True) + torch.arange(follow.shape[1],

@@ -7,7 +7,7 @@ import torch
 from services.decoding import BeamConfig, generated_mask, rag_sequence_generate, rag_token_generate
 from services.generator import Contexts, Seq2SeqGenerator
 from services.rag import doc_log_probs
-from tests.services.test_rag_fixtures import BART_EOS, BART_PAD, hf_rag, random_contexts, tiny_bart
+from tests.services.rag_fixtures import BART_EOS, BART_PAD, hf_rag, random_contexts, tiny_bart
 
 VOCAB = 48
 

@@ -10,7 +10,7 @@ from services.decoding import BeamConfig, generated_mask, rag_sequence_generate
 from services.generator import CausalGenerator, make_generator
 from services.rag import doc_log_probs, rag_sequence_nll, rag_token_nll
 from services.rag_model import RagModel
-from tests.services.test_rag_fixtures import chat_tokenizer, tiny_llama
+from tests.services.rag_fixtures import chat_tokenizer, tiny_llama
 
 QUESTIONS = ["who directed the film ?", "what is the capital of france ?"]
 TITLES = [["space odyssey", "stanley kubrick", "paris"], ["paris", "france", "river seine"]]
