@@ -1,8 +1,121 @@
-"""`rayrag` subcommands owned by the training package."""
+"""`rayrag train` and `rayrag eval`: the training package's subcommands."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.modules import RagTrainModule
+
+RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def _ray_init() -> None:
+    import ray
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=RUNTIME_ENV)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.trainer import run_training
+
+    cfg = load_config(args.config)  # every config error surfaces here, before Ray starts
+    _ray_init()
+    outcome = run_training(cfg)
+    metrics = outcome.result.metrics or {}
+    checkpoint = outcome.result.checkpoint
+    print(json.dumps({"name": cfg.name, "step": metrics.get("step"), "loss": metrics.get("loss"),
+                      "index_version": metrics.get("index_version"),
+                      "checkpoint": checkpoint.path if checkpoint else None,
+                      "history": str(outcome.history), "refreshes": outcome.refresh["refreshes"]}))
+    return 0
+
+
+def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: str, out: Path) -> str:
+    """The index root to search: --index, or a fresh one built from --corpus under out/ with the
+    document encoder (the checkpoint's trained weights when it has them)."""
+    if args.index:
+        return args.index
+    from cluster.index_build import build_index
+    from cluster.passages import load_corpus
+
+    state = None
+    if module.doc_encoder is not None:
+        state = {k: v.detach().cpu() for k, v in module.doc_encoder.state_dict().items()}
+    root = out / "index"
+    build_index(load_corpus(args.corpus, args.corpus_limit), root, encoder=doc_encoder,
+                encoder_state=state, publish=True, show_progress=False)
+    return str(root)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cluster.index_store import load_manifest, resolve_version
+    from cluster.passages import load_qa
+    from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from training.config import ModelsConfig
+    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, write_plots
+    from training.modules import build_train_module, load_trained
+
+    cfg = EvalConfig(n_docs=tuple(sorted(set(args.n_docs))), settings=tuple(args.settings or SETTINGS),
+                     batch_size=args.batch_size, num_beams=args.num_beams,
+                     max_new_tokens=args.max_new_tokens, decoding=args.decoding)
+    examples = load_qa(args.qa)[: args.limit]
+    out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint:
+        module, state = load_trained(args.checkpoint)
+        doc_encoder = state.models["doc_encoder"]
+    else:
+        models = ModelsConfig(args.query_encoder, args.doc_encoder, args.generator)
+        module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
+    _ray_init()
+    root = _eval_index(args, module, doc_encoder, out)
+    group = ShardGroup(ShardGroupConfig(index_root=root))
+    try:
+        report = evaluate(module.rag, group, examples, cfg, load_manifest(root, resolve_version(root, None)).count)
+    finally:
+        group.close()
+    report["plots"] = write_plots(report, out, args.history)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"report: {out / 'report.json'}; plots: {', '.join(report['plots'])}")
+    print(json.dumps(summary_line(report)))
+    return 0
+
+
+def _add_eval(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("eval", help="EM / F1 / recall@k: closed-book, RAG-Token, RAG-Sequence")
+    parser.add_argument("--qa", required=True, help="SQuAD-format .json, JSONL {question, answers}, or squad-dev")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", help="INDEX_ROOT to search (its published version)")
+    where.add_argument("--corpus", help="corpus spec to index first: default | squad-open | PATH")
+    parser.add_argument("--corpus-limit", type=int, default=None)
+    parser.add_argument("--checkpoint", help="a training checkpoint folder (else the models named below)")
+    parser.add_argument("--query-encoder", default="default")
+    parser.add_argument("--doc-encoder", default="default")
+    parser.add_argument("--generator", default="default")
+    parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="some of closed_book rag_token rag_sequence (default: all three)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--decoding", choices=("thorough", "fast"), default="thorough")
+    parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
+    parser.add_argument("--out", help="folder for report.json and the PNG plots")
+    parser.set_defaults(run=run_eval)
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands; each sets `run(args) -> int`."""
+    train = subcommands.add_parser("train", help="fine-tune RAG with Ray Train (config: YAML)")
+    train.add_argument("--config", required=True, help="training config YAML (see examples/train.yaml)")
+    train.set_defaults(run=run_train)
+    _add_eval(subcommands)

@@ -1,0 +1,74 @@
+"""A toy RAG task shared by the training tests: tiny encoder + generator, a 32-passage corpus whose
+answers exist nowhere else, train/held-out questions, and a config builder."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+KEYS = ("apple river castle violin tiger planet harbor candle mirror forest rocket garden bridge desert "
+        "island engine falcon glacier lantern meadow orchard palace quartz saddle temple valley wagon "
+        "canyon dolphin eagle feather hammer").split()
+ANSWERS = ("red blue green black white gold silver pink brown gray orange purple north south east west "
+           "one two three four five six seven eight nine ten zero hot cold warm dry wet").split()
+TRAIN = 24  # the first 24 keys are trained on; the rest are held out
+
+
+@dataclass(frozen=True)
+class Toy:
+    root: Path
+    encoder: str
+    generator: str
+    corpus: str
+    train: str
+    heldout: str
+    answers: dict[str, str]
+
+    def raw_config(self, run_dir: Path, **overrides) -> dict:
+        """A training config dict (YAML-shaped) for this toy; sections merge with `overrides`."""
+        raw = {"name": "toy", "storage_path": str(run_dir / "runs"),
+               "data": {"train": self.train},
+               "index": {"root": str(run_dir / "index"), "corpus": self.corpus, "shard_cpus": 0},
+               "models": {"query_encoder": self.encoder, "doc_encoder": self.encoder, "generator": self.generator},
+               "n_docs": 3, "variant": "sequence",
+               "optimizer": {"lr": 1e-2, "grad_clip": 1.0},
+               "schedule": {"steps": 6, "batch_size": 4, "checkpoint_every": 3},
+               "scaling": {"num_workers": 2}}
+        for key, value in overrides.items():
+            raw[key] = raw[key] | value if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+        return raw
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Toy:
+    from cluster.encoders import save_tiny_encoder
+    from services.models import save_tiny_generator
+
+    root = tmp_path_factory.mktemp("toy")
+    answers = dict(zip(KEYS, np.random.default_rng(0).permutation(ANSWERS).tolist()))
+    corpus = _write_jsonl(root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]}
+                                                  for i, k in enumerate(KEYS)])
+    qa = [{"question": f"{k}?", "answers": [answers[k]]} for k in KEYS]
+    return Toy(root=root,
+               encoder=save_tiny_encoder(root / "encoder", dim=128, layers=0),
+               generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=64),
+               corpus=corpus, train=_write_jsonl(root / "train.jsonl", qa[:TRAIN]),
+               heldout=_write_jsonl(root / "heldout.jsonl", qa[TRAIN:]), answers=answers)
+
+
+@pytest.fixture(scope="session")
+def toy_index(toy, ray_session) -> Path:
+    """Version v0001 of the toy index, built once; tests that refresh copy it first."""
+    from training.config import config_from_dict
+    from training.trainer import prepare_index
+
+    prepare_index(config_from_dict(toy.raw_config(toy.root)))
+    return toy.root / "index"

@@ -1,0 +1,77 @@
+"""Training config: YAML → typed dataclasses, errors that name the key, the refresh schedule."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from training.config import RefreshSchedule, load_config
+
+
+@pytest.fixture()
+def raw(tmp_path) -> dict:
+    (tmp_path / "train.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
+    return {"name": "toy", "storage_path": str(tmp_path / "runs"),
+            "data": {"train": "train.jsonl"}, "index": {"root": str(tmp_path / "index"), "corpus": "default"},
+            "schedule": {"steps": 10, "batch_size": 4, "checkpoint_every": 5},
+            "optimizer": {"lr": "3e-4"}, "scaling": {"num_workers": [1, 2]}, "refresh": "0-4:2,4-:3"}
+
+
+def write(tmp_path, raw: dict):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_loads_typed_values_and_resolves_data_paths(tmp_path, raw):
+    cfg = load_config(write(tmp_path, raw))
+    assert cfg.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.scaling.elastic and cfg.scaling.worker_range == (1, 2)
+    assert cfg.data.train == str(tmp_path / "train.jsonl")
+    assert cfg.variant == "sequence" and cfg.n_docs == 5 and not cfg.train_doc_encoder
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "train.yaml"
+    cfg = load_config(example)
+    assert cfg.schedule.steps > 0
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("schedule", "steps"), None, "missing config key 'schedule.steps'"),
+    (("data", "train"), None, "missing config key 'data.train'"),
+    (("schedule", "steps"), "ten", "config key 'schedule.steps' has a bad value 'ten'"),
+    (("schedule", "batch_size"), 0, "'schedule.batch_size' must be >= 1"),
+    (("variant",), "beam", "config key 'variant' must be one of"),
+    (("n_docs",), 0, "config key 'n_docs' must be >= 1"),
+    (("refresh",), "0-10", "config key 'refresh': bad range '0-10'"),
+    (("scaling", "num_workers"), [2, 1], "config key 'scaling.num_workers'"),
+    (("optimizer", "lr"), -1, "config key 'optimizer.lr' must be > 0"),
+    (("optimizer", "momentum"), 0.9, "unknown config key 'optimizer.momentum'"),
+    (("data", "eval"), "nope.jsonl", "config key 'data.eval': no such file"),
+    (("schedule",), "steps", "config key 'schedule' must be a mapping"),
+])
+def test_bad_config_names_the_key(tmp_path, raw, path, value, message):
+    section = raw
+    for key in path[:-1]:
+        section = section[key]
+    if value is None:
+        del section[path[-1]]
+    else:
+        section[path[-1]] = value
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(write(tmp_path, raw))
+
+
+def test_refresh_schedule_steps():
+    schedule = RefreshSchedule.parse("0-1000:100,1000-:500")
+    hits = [s for s in range(1, 2600) if schedule.is_refresh_step(s)]
+    assert hits == list(range(100, 1001, 100)) + [1500, 2000, 2500]
+    assert not any(RefreshSchedule.parse("").is_refresh_step(s) for s in range(1, 100))
+
+
+@pytest.mark.parametrize("spec", ["0-:10,5-:2", "10-5:1", "0-10:0", "a-b:c"])
+def test_refresh_schedule_rejects(spec):
+    with pytest.raises(ValueError, match="config key 'refresh'"):
+        RefreshSchedule.parse(spec)

@@ -1,0 +1,61 @@
+"""What training optimises: the RAG model (+ document encoder when trained) behind one loss `forward`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.encoders import TextEncoder
+from cluster.passages import Passage, passage_text
+from services.generator import make_generator
+from services.models import load_generator
+from services.rag_model import RagModel
+from training.checkpoint import TrainState, load_checkpoint, read_state
+from training.config import ModelsConfig
+
+
+class RagTrainModule(torch.nn.Module):
+    """DDP wraps this: `forward` is the RAG marginal NLL, so gradient sync follows the loss.
+
+    With a document encoder, the retrieved passages are re-encoded here with gradient (the
+    index vectors are stale by design); without one the index's document vectors are used.
+    """
+
+    def __init__(self, rag: RagModel, doc_encoder: TextEncoder | None, variant: str) -> None:
+        super().__init__()
+        self.rag, self.doc_encoder, self.variant = rag, doc_encoder, variant
+
+    def modules_to_save(self) -> dict[str, torch.nn.Module]:
+        parts: dict[str, torch.nn.Module] = {"rag": self.rag}
+        if self.doc_encoder is not None:
+            parts["doc_encoder"] = self.doc_encoder
+        return parts
+
+    def forward(self, questions: list[str], answers: list[str], titles: list[list[str]],
+                texts: list[list[str]], doc_vectors: np.ndarray) -> torch.Tensor:
+        vectors = torch.tensor(doc_vectors)  # (B, K, d) a copy: search results are read-only
+        if self.doc_encoder is not None:
+            flat = [passage_text(Passage(0, t, x)) for ts, xs in zip(titles, texts) for t, x in zip(ts, xs)]
+            device = next(self.doc_encoder.parameters()).device
+            batch = {k: v.to(device) for k, v in self.doc_encoder.tokenize(flat).items()}
+            encoded = self.doc_encoder(**batch)  # (B*K, d)
+            vectors = encoded.view(len(questions), len(titles[0]), -1)  # (B, K, d)
+        return self.rag.loss(questions, answers, titles, texts, vectors, variant=self.variant)
+
+
+def build_train_module(models: ModelsConfig, variant: str, train_doc_encoder: bool) -> RagTrainModule:
+    """Load the query encoder, generator (and document encoder when trained) named in the config."""
+    query_encoder = TextEncoder.from_pretrained(models.query_encoder)
+    model, tokenizer = load_generator(models.generator)
+    rag = RagModel(query_encoder, make_generator(model, tokenizer))
+    doc_encoder = TextEncoder.from_pretrained(models.doc_encoder) if train_doc_encoder else None
+    return RagTrainModule(rag, doc_encoder, variant)
+
+
+def load_trained(checkpoint_dir: str | Path) -> tuple[RagTrainModule, TrainState]:
+    """The trained models of a training checkpoint (`.rag` for serving and evaluation)."""
+    state = read_state(checkpoint_dir)
+    module = build_train_module(ModelsConfig(**state.models), "sequence", state.doc_encoder_trained)
+    load_checkpoint(checkpoint_dir, module.modules_to_save())
+    return module.eval(), state

@@ -1,0 +1,104 @@
+"""Launching a training run: index v1 if needed, shard group + refresher actors, TorchTrainer, fit."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.index_build import build_index
+from cluster.index_store import load_manifest, published_version
+from cluster.passages import load_corpus, load_qa
+from cluster.shard_group import ShardGroup, ShardGroupConfig
+from training.checkpoint import STATE, read_state
+from training.config import TrainConfig
+from training.loop import train_loop_per_worker
+from training.refresh import IndexRefresher, RefreshConfig
+
+SHARD_GROUP_CONCURRENCY = 16   # searches from every worker + a swap + health checks
+
+
+@dataclass
+class TrainOutcome:
+    result: Any                # ray.train.Result
+    history: Path              # JSONL: one row per step (loss, index version, step time)
+    refresh: dict              # the refresher's status: versions built, steps skipped
+
+
+def prepare_index(cfg: TrainConfig) -> str:
+    """The published index version to start from (built from the corpus when there is none).
+
+    Checks n_docs against the index size before any worker starts."""
+    version = published_version(cfg.index.root) if Path(cfg.index.root).is_dir() else None
+    if version is None:
+        passages = load_corpus(cfg.index.corpus, cfg.index.corpus_limit)
+        version = build_index(passages, cfg.index.root, encoder=cfg.models.doc_encoder,
+                              shards=cfg.index.shards, publish=True, show_progress=False)
+    count = load_manifest(cfg.index.root, version).count
+    if cfg.n_docs > count:
+        raise ValueError(f"n_docs={cfg.n_docs} is larger than index {version} at "
+                         f"{cfg.index.root!r} ({count} passages)")
+    return version
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """A run folder that already holds checkpoints is resumed: refuse one from other models up
+    front (parameter shapes are checked again when the workers load it)."""
+    run_dir = Path(cfg.storage_path).resolve() / cfg.name
+    states = sorted(run_dir.glob(f"step-*/{STATE}"))
+    if not states:
+        return
+    state = read_state(states[-1].parent)
+    wanted = {**asdict(cfg.models), "doc_encoder_trained": cfg.train_doc_encoder}
+    found = {**state.models, "doc_encoder_trained": state.doc_encoder_trained}
+    for key, value in wanted.items():
+        if found.get(key) != value:
+            raise ValueError(f"incompatible checkpoint {str(states[-1].parent)!r}: it has {key}={found.get(key)!r}, "
+                             f"the config asks for {value!r} (use another run name to start afresh)")
+
+
+def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
+    """The shard group actor (workers search it) and the refresher actor that swaps it."""
+    group = ray.remote(ShardGroup).options(max_concurrency=SHARD_GROUP_CONCURRENCY, num_cpus=0)
+    shard_config = ShardGroupConfig(index_root=cfg.index.root, num_cpus_per_replica=cfg.index.shard_cpus)
+    shard_group = group.remote(shard_config, version)
+    refresh = RefreshConfig(index_root=cfg.index.root, corpus=cfg.index.corpus, doc_encoder=cfg.models.doc_encoder,
+                            corpus_limit=cfg.index.corpus_limit, shards=cfg.index.shards,
+                            num_encoders=cfg.index.refresh_encoders)
+    refresher = ray.remote(IndexRefresher).options(max_concurrency=4, num_cpus=0).remote(refresh, shard_group)
+    return shard_group, refresher
+
+
+def make_trainer(cfg: TrainConfig, loop_config: dict, resources_per_worker: dict | None = None) -> TorchTrainer:
+    low, high = cfg.scaling.worker_range
+    scaling = ScalingConfig(num_workers=(low, high) if cfg.scaling.elastic else low,
+                            use_gpu=cfg.scaling.use_gpu,
+                            resources_per_worker=resources_per_worker or {"CPU": cfg.scaling.cpus_per_worker},
+                            elastic_resize_monitor_interval_s=5.0)
+    run = RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2))
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                        scaling_config=scaling, run_config=run)
+
+
+def run_training(cfg: TrainConfig, resources_per_worker: dict | None = None) -> TrainOutcome:
+    """Fit under Ray (already initialised); wait for a refresh in flight before returning."""
+    load_qa(cfg.data.train)  # every record checked (question, answers) before a worker starts
+    check_resumable(cfg)
+    version = prepare_index(cfg)
+    shard_group, refresher = launch_retrieval(cfg, version)
+    history = Path(cfg.storage_path).resolve() / cfg.name / "history.jsonl"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    loop_config = {"config": cfg, "shard_group": shard_group, "refresher": refresher, "history": str(history)}
+    try:
+        result = make_trainer(cfg, loop_config, resources_per_worker).fit()
+        refresh = ray.get(refresher.wait.remote())
+    finally:
+        ray.get(shard_group.close.remote())
+        for actor in (refresher, shard_group):
+            ray.kill(actor)
+    return TrainOutcome(result=result, history=history, refresh=refresh)
