@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/rayrag ask --local "Who directed 2001: A Space Odyssey?"
+	$(VENV)/bin/rayrag serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
-SYSTEM_PROMPT = "Answer the question with a short phrase, using the passage."
+# Chosen on SmolLM2-135M-Instruct: with a "short phrase" instruction it often echoed the question.
+SYSTEM_PROMPT = "You are a helpful assistant."
 TITLE_SEP, DOC_SEP = " / ", " // "  # transformers' RagConfig defaults
 SCORE_CHUNK = 1 << 24  # logits elements per forward when scoring many (context, target) pairs
 
@@ -242,7 +243,7 @@ class CausalGenerator(Generator):
         if not self.chat:
             return self.tokenizer(f"{title}. {text}\nQuestion: {question}\nAnswer:")["input_ids"]
         messages = [{"role": "system", "content": self.system_prompt},
-                    {"role": "user", "content": f"Passage: {title}. {text}\n\nQuestion: {question}"}]
+                    {"role": "user", "content": f"Context: {title}. {text}\n\nUsing the context, answer briefly: {question}"}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding or a list
 
@@ -277,7 +278,7 @@ class CausalGenerator(Generator):
         mask = ctx.attention_mask
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B*K, L)
         out = self.model(input_ids=ctx.input_ids, attention_mask=mask, position_ids=positions,
-                         cache=DynamicCache(), use_cache=True)
+                         cache=DynamicCache(), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B*K, V)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         rows = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(copies)  # (R,)

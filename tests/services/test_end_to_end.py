@@ -15,8 +15,7 @@ def test_default_models_answer_who_directed_2001() -> None:
     relevant = [p for p in corpus if "2001" in p.title or "Kubrick" in p.title]
     others = [p for p in corpus if p not in relevant][::50][:200]
     assert relevant and len(others) == 200
-    # fast decoding keeps this within CI's time on 2 cores (thorough rescores K× more rows)
-    rag = LocalRag(relevant + others, LocalConfig(n_docs=5, mode="sequence", decoding="fast"))
+    rag = LocalRag(relevant + others, LocalConfig(n_docs=5, mode="sequence", decoding="thorough"))
     [answer] = rag.ask([QUESTION])
     titles = [source.title for source in answer.sources]
     assert len(titles) == 5 and titles[0] == "2001: A Space Odyssey", titles
