@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.utils import cached_file
 
 POOLINGS = ("mean", "cls")
+POOLING_FILE = "rayrag_pooling.json"  # written by TextEncoder.save_pretrained
 
 
 def default_encoder_path() -> str:
@@ -57,7 +58,10 @@ def _sentence_transformers_pooling(name_or_path: str) -> tuple[str, bool] | None
 
 
 def _auto_pooling(name_or_path: str, config: PretrainedConfig) -> tuple[str, bool]:
-    """Sentence-transformers config when present; CLS for DPR-style models; mean otherwise."""
+    """Saved by rayrag, or a sentence-transformers config; CLS for DPR-style models; mean otherwise."""
+    saved = _optional_json(name_or_path, POOLING_FILE)
+    if isinstance(saved, dict):
+        return saved["pooling"], bool(saved["normalize"])
     found = _sentence_transformers_pooling(name_or_path)
     if found is not None:
         return found
@@ -149,6 +153,14 @@ class TextEncoder(torch.nn.Module):
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)  # (B, d)
         return vectors
 
+    def save_pretrained(self, path: str | Path) -> str:
+        """Write the model, tokenizer and pooling so `from_pretrained(path)` rebuilds this encoder."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / POOLING_FILE).write_text(json.dumps({"pooling": self.pooling, "normalize": self.normalize}))
+        return str(path)
+
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(N, d) float32 vectors in eval mode; texts are batched by length to limit padding."""
@@ -156,12 +168,14 @@ class TextEncoder(torch.nn.Module):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        device = next(self.model.parameters()).device
         was_training = self.training
         self.eval()
         try:
             for start in range(0, len(texts), batch_size):
                 rows = order[start : start + batch_size]
-                vectors = self(**self.tokenize([texts[i] for i in rows]))  # (b, d)
+                batch = self.tokenize([texts[i] for i in rows])
+                vectors = self(**{k: v.to(device) for k, v in batch.items()})  # (b, d)
                 out[rows] = vectors.float().cpu().numpy()
         finally:
             self.train(was_training)

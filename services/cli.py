@@ -131,8 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         http["port"] = args.port
     app_args = dict(app.get("args") or {})
-    if args.generator:
-        app_args["models"] = {**(app_args.get("models") or {}), "generator": args.generator}
+    overrides = {key: value for key, value in (("generator", args.generator),
+                                                ("query_encoder", args.query_encoder)) if value}
+    app_args["models"] = {**(app_args.get("models") or {}), **overrides}
     _start_ray()
     _ensure_index(app_args.get("index") or {})
     _warm_models(app_args.get("models") or {})
@@ -195,7 +196,9 @@ def _add_serving(subcommands: argparse._SubParsersAction) -> None:
                            help="a Serve config file (default: deploy.yaml)")
     serve_cmd.add_argument("--port", type=int, default=None, help="override http_options.port")
     serve_cmd.add_argument("--generator", default=None,
-                           help="generator name or path (e.g. a training checkpoint export)")
+                           help="generator name or path (e.g. EXPORT/generator from `rayrag export`)")
+    serve_cmd.add_argument("--query-encoder", default=None,
+                           help="query encoder name or path (e.g. EXPORT/query_encoder)")
     serve_cmd.set_defaults(run=run_serve)
     ask = subcommands.choices["ask"]
     ask.add_argument("--url", default=DEFAULT_URL, help="the running app (without --local)")

@@ -89,6 +89,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from training.modules import export_models
+
+    folders = export_models(args.checkpoint, args.out)
+    print(json.dumps(folders))
+    return 0
+
+
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("eval", help="EM / F1 / recall@k: closed-book, RAG-Token, RAG-Sequence")
     parser.add_argument("--qa", required=True, help="SQuAD-format .json, JSONL {question, answers}, or squad-dev")
@@ -119,3 +127,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="training config YAML (see examples/train.yaml)")
     train.set_defaults(run=run_train)
     _add_eval(subcommands)
+    export = subcommands.add_parser("export", help="a training checkpoint → Hugging Face folders to serve")
+    export.add_argument("--checkpoint", required=True, help="a training checkpoint folder")
+    export.add_argument("--out", required=True, help="folder for query_encoder/, generator/ (and doc_encoder/)")
+    export.set_defaults(run=run_export)

@@ -59,3 +59,18 @@ def load_trained(checkpoint_dir: str | Path) -> tuple[RagTrainModule, TrainState
     module = build_train_module(ModelsConfig(**state.models), "sequence", state.doc_encoder_trained)
     load_checkpoint(checkpoint_dir, module.modules_to_save())
     return module.eval(), state
+
+
+def export_models(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, str]:
+    """Write a checkpoint's trained models as plain Hugging Face folders that serving loads by path:
+    `query_encoder/`, `generator/` and, when it was trained, `doc_encoder/`."""
+    module, _ = load_trained(checkpoint_dir)
+    out = Path(out_dir)
+    generator = module.rag.generator
+    generator.model.save_pretrained(out / "generator")
+    generator.tokenizer.save_pretrained(out / "generator")
+    folders = {"query_encoder": module.rag.query_encoder.save_pretrained(out / "query_encoder"),
+               "generator": str(out / "generator")}
+    if module.doc_encoder is not None:
+        folders["doc_encoder"] = module.doc_encoder.save_pretrained(out / "doc_encoder")
+    return folders

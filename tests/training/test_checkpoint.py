@@ -39,3 +39,33 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path, make() | {"other": torch.nn.Linear(2, 2)})
     with pytest.raises(ValueError, match="is not a rayrag checkpoint"):
         read_state(tmp_path / "nowhere")
+
+
+def test_export_gives_folders_that_load_as_the_trained_models(tmp_path):
+    """`rayrag export`: the trained weights come back through the plain loaders serving uses."""
+    from cluster.encoders import TextEncoder, save_tiny_encoder
+    from services.models import load_generator, save_tiny_generator
+    from training.config import ModelsConfig
+    from training.modules import build_train_module, export_models
+
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    models = ModelsConfig(encoder, encoder, save_tiny_generator(tmp_path / "generator"))
+    module = build_train_module(models, "sequence", train_doc_encoder=True)
+    with torch.no_grad():  # stand-in for training: every weight moves away from the start
+        for parameter in module.parameters():
+            parameter.add_(0.01)
+    state = TrainState(step=3, index_version="v0002", models=vars(models), doc_encoder_trained=True)
+    save_checkpoint(tmp_path / "ckpt", module.modules_to_save(), None, state)
+
+    folders = export_models(tmp_path / "ckpt", tmp_path / "export")
+    query = TextEncoder.from_pretrained(folders["query_encoder"])
+    assert (query.pooling, query.normalize) == (module.rag.query_encoder.pooling, module.rag.query_encoder.normalize)
+    texts = ["apple?", "a longer question about a river"]
+    assert (query.encode(texts) == module.rag.query_encoder.encode(texts)).all()
+    doc = TextEncoder.from_pretrained(folders["doc_encoder"])
+    assert (doc.encode(texts) == module.doc_encoder.encode(texts)).all()
+    assert not (doc.encode(texts) == TextEncoder.from_pretrained(encoder).encode(texts)).all()
+    generator, _ = load_generator(folders["generator"])
+    trained = module.rag.generator.model.state_dict()
+    for key, value in generator.state_dict().items():
+        assert torch.equal(value, trained[key]), key
