@@ -56,7 +56,7 @@ def test_marginals_equal_brute_force_loop(causal):
         log_probs = causal.log_probs(ctx, target, mask)  # (B, K, T, V)
         seq = rag_sequence_nll(log_probs, doc_scores, target, pad_id=causal.pad_id, target_mask=mask)
         tok = rag_token_nll(log_probs, doc_scores, target, pad_id=causal.pad_id, target_mask=mask)
-        for b, answer in enumerate(ANSWERS):
+        for b in range(len(ANSWERS)):
             answer_ids = target[b, : int(mask[b].sum())].tolist()
             per_doc = torch.stack([_brute_token_log_probs(causal, _prompt(causal, b, k), answer_ids)
                                    for k in range(3)])  # (K, T)

@@ -72,3 +72,33 @@ def toy_index(toy, ray_session) -> Path:
 
     prepare_index(config_from_dict(toy.raw_config(toy.root)))
     return toy.root / "index"
+
+
+# A second toy for learning to read the passage: 64 keys whose answers come from a pool of 16 words,
+# so every answer word is trained on many times while each key → answer pair is seen rarely.
+MORE_KEYS = ("paris market capital earth degree coast letter season border window summer doctor "
+             "kitchen lesson pocket shadow ticket winter cotton basket button carpet circus dragon "
+             "farmer jacket ladder monkey parrot pepper pillow rabbit").split()
+POOL = 16
+
+
+@pytest.fixture(scope="session")
+def pool_toy(tmp_path_factory) -> Toy:
+    """64 training keys, passage title = key, text = its answer (one of 16 words); the encoder is
+    wide (768) so that title-token overlap retrieves the right passage; the generator has 1 layer."""
+    from cluster.encoders import save_tiny_encoder
+    from services.models import save_tiny_generator
+
+    root = tmp_path_factory.mktemp("pool_toy")
+    keys = KEYS + MORE_KEYS
+    picks = np.random.default_rng(0).integers(0, POOL, len(keys))
+    answers = {k: ANSWERS[i] for k, i in zip(keys, picks)}
+    corpus = _write_jsonl(root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]}
+                                                  for i, k in enumerate(keys)])
+    qa = [{"question": f"{k}?", "answers": [answers[k]]} for k in keys]
+    return Toy(root=root,
+               encoder=save_tiny_encoder(root / "encoder", dim=768, layers=0),
+               generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=64, layers=1),
+               corpus=corpus, train=_write_jsonl(root / "train.jsonl", qa),
+               heldout=_write_jsonl(root / "heldout.jsonl", []),  # none: every key is trained on
+               answers=answers)
