@@ -1,16 +1,29 @@
 """Generator wrappers p(y|x,z): B×K inputs from (question, passage), target scoring, incremental decoding."""
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    EncoderDecoderCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Chosen on SmolLM2-135M-Instruct: with a "short phrase" instruction it often echoed the question.
 SYSTEM_PROMPT = "You are a helpful assistant."
 TITLE_SEP, DOC_SEP = " / ", " // "  # transformers' RagConfig defaults
 SCORE_CHUNK = 1 << 24  # logits elements per forward when scoring many (context, target) pairs
+GROUPED_SDPA = "rayrag_grouped_sdpa"  # attention implementation name used while decoding seq2seq
+_ATTENTION_SWITCH = threading.RLock()
 
 
 @dataclass
@@ -154,9 +167,51 @@ def _cache_over(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
+def _grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA where each key/value row serves a block of consecutive query rows.
+
+    Cross-attention then reads one copy of a context's encoder keys for all its beams or scored
+    targets; with equal row counts this is plain SDPA.
+    """
+    rows, groups = key.shape[0], query.shape[0] // key.shape[0]
+    if groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _, heads, t, d = query.shape  # (C*G, h, T, d)
+    query = query.view(rows, groups, heads, t, d).transpose(1, 2).reshape(rows, heads, groups * t, d)  # (C, h, G*T, d)
+    if attention_mask is not None:  # rows of a block share their context's mask
+        attention_mask = attention_mask[::groups, :, :1].expand(-1, -1, groups * t, -1)  # (C, 1, G*T, L)
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # (C, G*T, h, d)
+    return out.reshape(rows * groups, t, heads, d), None  # (C*G, T, h, d)
+
+
+AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+@contextmanager
+def _grouped_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run `model` with `_grouped_sdpa` attention, restoring its own implementation afterwards.
+
+    The setting lives on the shared config, so the switch and the call run under one lock:
+    another thread decoding with the same model (concurrent Serve batches) never sees it."""
+    with _ATTENTION_SWITCH:
+        saved = model.config._attn_implementation
+        model.config._attn_implementation = GROUPED_SDPA
+        try:
+            yield
+        finally:
+            model.config._attn_implementation = saved
+
+
 def _gather_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()  # (P, T, V)
-    return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (P, T)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (P, T, V)
+    return log_probs.gather(-1, target[..., None]).squeeze(-1)  # (P, T)
+
+
+def _rows_of(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> DynamicCache:
+    """A cache over rows `rows` of per-context (keys, values); index_select copies far faster than indexing."""
+    return _cache_over([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv])
 
 
 class Seq2SeqGenerator(Generator):
@@ -202,15 +257,17 @@ class Seq2SeqGenerator(Generator):
         cross = state.cache.cross_attention_cache.layers
         state.prefix["cross"] = [(layer.keys, layer.values) for layer in cross]
         rows = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(copies)  # (R,)
-        state.cache.reorder_cache(rows)  # self- and cross-attention caches
+        # Cross-attention keys stay one row per context: `_grouped_sdpa` shares them among its copies.
+        state.cache.self_attention_cache.reorder_cache(rows)
         # Once the cross-attention keys are cached, the decoder reads only the encoder states' shape.
         state.attention_mask, state.encoder_hidden = ctx.attention_mask[rows], hidden[:1].expand(rows.shape[0], -1, -1)
         return state, first[rows]
 
     @torch.no_grad()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model(decoder_input_ids=tokens[:, None], encoder_outputs=(state.encoder_hidden,),
-                         attention_mask=state.attention_mask, cache=state.cache, use_cache=True)
+        with _grouped_attention(self.model):
+            out = self.model(decoder_input_ids=tokens[:, None], encoder_outputs=(state.encoder_hidden,),
+                             attention_mask=state.attention_mask, cache=state.cache, use_cache=True)
         state.cache = out.cache
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (R, V)
 
@@ -220,14 +277,31 @@ class Seq2SeqGenerator(Generator):
 
     @torch.no_grad()
     def _score_chunk(self, state: DecodeState, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        cross = _cache_over([(keys[rows], values[rows]) for keys, values in state.prefix["cross"]])
+        contexts, width, slot = _context_blocks(rows)
+        padded = target.new_full((len(contexts) * width, target.shape[1]), self.pad_id)  # (C*W, T)
+        padded[slot] = target
+        cross = _rows_of(state.prefix["cross"], contexts)  # (C, h, L, d) per layer, shared by each block
         # The cross-attention keys come from the cache; the decoder reads only the encoder
         # states' shape then, so a broadcast view stands in for them.
-        hidden = state.prefix["hidden"][:1].expand(rows.shape[0], -1, -1)  # (P, L, d)
-        out = self.model(encoder_outputs=(hidden,), attention_mask=state.prefix["mask"][rows],
-                         decoder_input_ids=self._decoder_inputs(target),
-                         cache=EncoderDecoderCache(DynamicCache(), cross), use_cache=True)
-        return _gather_log_probs(out.logits, target)  # (P, T)
+        hidden = state.prefix["hidden"][:1].expand(padded.shape[0], -1, -1)  # (C*W, L, d)
+        mask = state.prefix["mask"][contexts].repeat_interleave(width, dim=0)  # (C*W, L)
+        with _grouped_attention(self.model):
+            out = self.model(encoder_outputs=(hidden,), attention_mask=mask,
+                             decoder_input_ids=self._decoder_inputs(padded),
+                             cache=EncoderDecoderCache(DynamicCache(), cross), use_cache=True)
+        return _gather_log_probs(out.logits, padded)[slot]  # (P, T)
+
+
+def _context_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Lay pairs out as one block of W rows per distinct context: the contexts (C,), W, and each
+    pair's row (P,) in that (C*W) batch."""
+    order = rows.argsort(stable=True)  # (P,)
+    contexts, counts = rows[order].unique_consecutive(return_counts=True)  # (C,), (C,)
+    width = int(counts.max())
+    block = torch.arange(len(contexts), device=rows.device).repeat_interleave(counts)  # (P,) in sorted order
+    first = (counts.cumsum(0) - counts).repeat_interleave(counts)  # (P,) sorted index where its block starts
+    sorted_slot = block * width + torch.arange(rows.shape[0], device=rows.device) - first  # (P,)
+    return contexts, width, torch.empty_like(sorted_slot).index_copy_(0, order, sorted_slot)
 
 
 class CausalGenerator(Generator):
@@ -303,7 +377,7 @@ class CausalGenerator(Generator):
         first = state.prefix["first"][rows].gather(1, target[:, :1])  # (P, 1)
         if target.shape[1] == 1:
             return first
-        cache = _cache_over([(keys[rows], values[rows]) for keys, values in state.prefix["kv"]])
+        cache = _rows_of(state.prefix["kv"], rows)
         follow = target[:, :-1]  # (P, T-1)
         mask = torch.cat([state.prefix["mask"][rows], torch.ones_like(follow)], dim=1)  # (P, L+T-1)
         positions = state.prefix["mask"][rows].sum(1, keepdim=True) + torch.arange(follow.shape[1],
