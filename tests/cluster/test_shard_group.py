@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 import ray
+from ray.exceptions import RayActorError
 
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
@@ -45,6 +46,20 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     vectors = _clustered(3000, seed=0)
     queries = _clustered(40, seed=1)
     return vectors, queries
+
+
+def _kill_and_wait(handle: ray.actor.ActorHandle) -> None:
+    """ray.kill returns before the actor is gone; wait until a call to it fails, so the next
+    search cannot be answered by the dying actor."""
+    ray.kill(handle)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.health.remote(), timeout=30)
+        except RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor kept answering")
 
 
 def _stream(group: ShardGroup, queries: np.ndarray, stop: threading.Event, out: list) -> None:
@@ -123,7 +138,7 @@ def test_only_replica_killed_gives_partial_then_full(ray_session, tmp_path: Path
     build_index_from_vectors(vectors, _passages(len(vectors), "a"), tmp_path, shards=2)
     group = ShardGroup(_config(tmp_path, replicas=1))
     try:
-        ray.kill(group.replica_handles()[1][0])
+        _kill_and_wait(group.replica_handles()[1][0])
         partial = group.search(queries, 5)
         assert partial.coverage == 0.5 and (partial.ids < 1500).all()  # only shard 0 (ids 0..1499) answered
         deadline = time.monotonic() + 60
@@ -132,7 +147,7 @@ def test_only_replica_killed_gives_partial_then_full(ray_session, tmp_path: Path
             time.sleep(0.2)
         np.testing.assert_array_equal(result.ids, _flat_reference(vectors, queries, 5)[1])
         group.config.allow_partial = False
-        ray.kill(group.replica_handles()[0][0])
+        _kill_and_wait(group.replica_handles()[0][0])
         with pytest.raises(ShardUnavailableError, match=r"shards \[0\]"):
             group.search(queries, 5)
     finally:
