@@ -3,15 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or "local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+from cluster.runtime import init_ray
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -19,7 +12,7 @@ def run_build(args: argparse.Namespace) -> int:
     from cluster.passages import load_corpus
 
     passages = load_corpus(args.corpus, limit=args.limit)
-    _init_ray(args.ray_address)
+    init_ray(args.ray_address)
     version = build_index(passages, args.out, encoder=args.encoder, shards=args.shards,
                           index_type=args.index_type, batch_size=args.batch_size,
                           num_encoders=args.encoders, publish=not args.no_publish)

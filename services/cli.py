@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cluster.runtime import init_ray
+
 
 def run_ask(args: argparse.Namespace) -> int:
     """`ask --local`: answer one question in this process and print the answer with its sources."""
@@ -72,18 +74,6 @@ def _read_serve_config(path: str) -> tuple[dict, dict]:
     return http, apps[0]
 
 
-def _start_ray() -> None:
-    """The cluster at $RAY_ADDRESS when set, else a local Ray bound to 127.0.0.1."""
-    import os
-
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-
-
 def _ensure_index(index: dict) -> None:
     """Build and publish the index the app serves when its root has no published version."""
     from pathlib import Path
@@ -134,7 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {key: value for key, value in (("generator", args.generator),
                                                 ("query_encoder", args.query_encoder)) if value}
     app_args["models"] = {**(app_args.get("models") or {}), **overrides}
-    _start_ray()
+    init_ray(log_to_driver=False)  # $RAY_ADDRESS when set, else a local Ray on 127.0.0.1
     _ensure_index(app_args.get("index") or {})
     _warm_models(app_args.get("models") or {})
     serve.start(http_options=http)

@@ -3,31 +3,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.runtime import init_ray
+
 if TYPE_CHECKING:
     from training.modules import RagTrainModule
-
-RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-
-
-def _ray_init() -> None:
-    import ray
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=RUNTIME_ENV)
-
 
 def run_train(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.trainer import run_training
 
     cfg = load_config(args.config)  # every config error surfaces here, before Ray starts
-    _ray_init()
+    init_ray()
     outcome = run_training(cfg)
     metrics = outcome.result.metrics or {}
     checkpoint = outcome.result.checkpoint
@@ -75,7 +65,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         models = ModelsConfig(args.query_encoder, args.doc_encoder, args.generator)
         module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
-    _ray_init()
+    init_ray()
     root = _eval_index(args, module, doc_encoder, out)
     group = ShardGroup(ShardGroupConfig(index_root=root))
     try:
