@@ -1,15 +1,17 @@
 """Bounded load on the Serve app over HTTP on 127.0.0.1: throughput, p50/p99, Serve overhead, batching.
 
-Starts a local Ray and the app (tiny models by default, `--default-models` for the real ones)
-over an index it builds in a temporary folder, sends `--requests` answers at each concurrency,
-then redeploys with batching off and repeats the highest concurrency. Serve overhead = client
-end-to-end latency minus the model time the replicas measured in process (retrieve + generate).
-The last line printed is one JSON object with every figure.
+Starts a local Ray and the app as deploy.yaml configures it (controller options, replica CPUs,
+threads and batching; one Generator replica, so that batching is what changes), with tiny
+models by default or `--default-models`, over an index it builds in a temporary folder. Sends
+`--requests` answers at each concurrency, then redeploys with batching off and repeats the
+highest concurrency. Serve overhead = client end-to-end latency minus the model time the
+replicas measured in process (retrieve + generate). Its reference is the floor: the same request
+shape (proxy → Ingress → two by-value handle hops) through deployments that do no work, measured
+in the same run. The last line printed is one JSON object with every figure.
 
     python bench/serve.py                       # tiny models, 500 requests at 1, 8, 16
     python bench/serve.py --requests 200 --default-models --num-beams 4 --max-new-tokens 32
 """
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from fastapi import FastAPI, Request
+from ray import serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Tiny random generators rarely emit EOS, so they decode every one of max_new_tokens.
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--config", default=None, help="the Serve config file (default: deploy.yaml)")
     args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
     if args.requests < 1 or min(args.levels) < 1:
@@ -48,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_index_and_models(args: argparse.Namespace, tmp: Path) -> tuple[dict, list]:
-    """The app args: an index over the first passages of the default corpus, the chosen models."""
+def build_index_and_models(args: argparse.Namespace, tmp: Path, app_args: dict) -> tuple[dict, list]:
+    """`app_args` over an index of the first passages of the default corpus and the chosen models."""
     from cluster.encoders import save_tiny_encoder
     from cluster.index_build import build_index
     from cluster.passages import load_corpus
@@ -62,20 +66,21 @@ def build_index_and_models(args: argparse.Namespace, tmp: Path) -> tuple[dict, l
         generator = save_tiny_generator(tmp / "generator")
     passages = load_corpus("default", limit=args.corpus_limit)
     build_index(passages, tmp / "index", encoder=encoder, shards=args.shards, show_progress=False)
-    return {"index": {"root": str(tmp / "index"), "follow_s": 0, "shard_num_cpus": 0.25},
+    generator_args = {k: v for k, v in (app_args.get("generator") or {}).items()
+                      if k != "autoscaling_config"}
+    return {**app_args, "index": {**app_args.get("index", {}), "root": str(tmp / "index"), "follow_s": 0},
             "models": {"query_encoder": encoder, "generator": generator},
-            "retriever": {"num_cpus": 0.25},
-            "generator": {"num_cpus": 0.5, "torch_threads": 2}}, passages
+            "generator": {**generator_args, "num_replicas": 1}}, passages
 
 
-def deploy(app_args: dict, batch_size: int) -> None:
-    from ray import serve
-
+def deploy(app_args: dict, batching: bool) -> None:
+    """(Re)deploy the app with the config's batching, or with every batch size set to 1."""
     from services.app import build_app
 
-    batch = {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.0}
-    args = {**app_args, "retriever": {**app_args["retriever"], "batch": batch},
-            "generator": {**app_args["generator"], "batch": batch}}
+    args = dict(app_args)
+    if not batching:
+        for part in ("retriever", "generator"):
+            args[part] = {**(args.get(part) or {}), "batch": {"max_batch_size": 1}}
     serve.run(build_app(args), name="bench", route_prefix="/")
 
 
@@ -118,13 +123,47 @@ async def load(url: str, questions: list[str], concurrency: int, body: dict) -> 
 
 
 def run_levels(url: str, questions: list[str], levels: list[int], body: dict, tag: str) -> list[dict]:
-    asyncio.run(load(url, questions[: max(levels) * 2], max(levels), body))  # warm-up
+    asyncio.run(load(url, questions[: max(levels)], max(levels), body))  # warm-up: one each
     results = []
     for level in levels:
         result = asyncio.run(load(url, questions, level, body))
         results.append({"batching": tag, **result})
         print(json.dumps(results[-1]), flush=True)
     return results
+
+
+floor_api = FastAPI()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Echo:
+    async def __call__(self, value: dict) -> dict:
+        return value
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(floor_api)
+class FloorIngress:
+    """The app's request shape with no work in it: proxy → Ingress → two by-value handle hops."""
+
+    def __init__(self, first: serve.handle.DeploymentHandle, second: serve.handle.DeploymentHandle):
+        self.first = first.options(_by_reference=False)
+        self.second = second.options(_by_reference=False)
+
+    @floor_api.post("/v1/answer")
+    async def answer(self, request: Request) -> dict:
+        return await self.second.remote(await self.first.remote(await request.json()))
+
+
+def floor_ms_p50(url: str, questions: list[str], body: dict) -> float:
+    """p50 latency of FloorIngress at concurrency 1 (deploy it first)."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        latencies = []
+        for question in questions:
+            start = time.perf_counter()
+            client.post("/v1/answer", json={**body, "question": question}).raise_for_status()
+            latencies.append((time.perf_counter() - start) * 1000)
+    return float(np.percentile(latencies[len(latencies) // 10:], 50))  # first 10 %: warm-up
 
 
 def free_port() -> int:
@@ -135,9 +174,11 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     import ray
-    from ray import serve
+
+    from services.serve_file import read_serve_file
 
     args = parse_args(argv)
+    config = read_serve_file(args.config)
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              num_cpus=max(4, os.cpu_count() or 1))
     port = free_port()
@@ -145,16 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     body = {"n_docs": args.n_docs, "num_beams": args.num_beams,
             "max_new_tokens": args.max_new_tokens, "mode": "sequence", "decoding": "fast"}
     with tempfile.TemporaryDirectory(prefix="rayrag-bench-") as tmp:
-        app_args, passages = build_index_and_models(args, Path(tmp))
+        app_args, passages = build_index_and_models(args, Path(tmp), config.app_args)
         rng = np.random.default_rng(0)
         picks = rng.integers(0, len(passages), args.requests)
         questions = [f"What is known about {passages[i].title}?" for i in picks]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    controller_options=config.controller_options or None)
         try:
-            deploy(app_args, args.max_batch_size)
+            deploy(app_args, batching=True)
             on = run_levels(url, questions, args.levels, body, "on")
-            deploy(app_args, 1)
+            deploy(app_args, batching=False)
             off = run_levels(url, questions, [max(args.levels)], body, "off")
+            serve.run(FloorIngress.bind(Echo.bind(), Echo.bind()), name="bench", route_prefix="/")
+            floor = floor_ms_p50(url, questions[:300], body)
         finally:
             serve.shutdown()
     by_level = {r["concurrency"]: r for r in on}
@@ -162,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "models": "default" if args.default_models else "tiny", "requests": args.requests,
         "overhead_ms_p50": by_level[min(args.levels)]["overhead_ms_p50"],
+        "floor_ms_p50": floor,
+        "overhead_over_floor": by_level[min(args.levels)]["overhead_ms_p50"] / floor,
         "batching_speedup_c16" if top == 16 else f"batching_speedup_c{top}":
             by_level[top]["throughput_rps"] / off[0]["throughput_rps"],
         "p99_ms_c8": by_level.get(8, {}).get("p99_ms"),

@@ -128,7 +128,7 @@ class Doc(BaseModel):
     id: int
     title: str
     text: str
-    score: float = Field(..., description="doc score q(x)·d(z) as the model uses it")
+    score: float = Field(..., description="doc score as RAG uses it: scale · q(x)·d(z)")
     prob: float = Field(..., description="p(z|x): softmax of the scores over the K docs")
 
 

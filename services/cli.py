@@ -54,26 +54,6 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _default_config_path() -> str:
-    from pathlib import Path
-
-    local = Path("deploy.yaml")
-    return str(local if local.is_file() else Path(__file__).resolve().parents[1] / "deploy.yaml")
-
-
-def _read_serve_config(path: str) -> tuple[dict, dict]:
-    """(http_options, the first application) of a Serve config file such as deploy.yaml."""
-    import yaml
-
-    with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file) or {}
-    apps = config.get("applications") or []
-    if len(apps) != 1 or apps[0].get("import_path") != "services.app:build_app":
-        raise ValueError(f"{path}: expected one application with import_path services.app:build_app")
-    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
-    return http, apps[0]
-
-
 def _ensure_index(index: dict) -> None:
     """Build and publish the index the app serves when its root has no published version."""
     from pathlib import Path
@@ -116,18 +96,19 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from services.app import build_app
+    from services.serve_file import read_serve_file
 
-    http, app = _read_serve_config(args.config)
+    config = read_serve_file(args.config)
+    http, app, app_args = config.http_options, config.app, config.app_args
     if args.port is not None:
         http["port"] = args.port
-    app_args = dict(app.get("args") or {})
     overrides = {key: value for key, value in (("generator", args.generator),
                                                 ("query_encoder", args.query_encoder)) if value}
     app_args["models"] = {**(app_args.get("models") or {}), **overrides}
     init_ray(log_to_driver=False)  # $RAY_ADDRESS when set, else a local Ray on 127.0.0.1
     _ensure_index(app_args.get("index") or {})
     _warm_models(app_args.get("models") or {})
-    serve.start(http_options=http)
+    serve.start(http_options=http, controller_options=config.controller_options or None)
     serve.run(build_app(app_args), name=app.get("name", "rayrag"),
               route_prefix=app.get("route_prefix", "/"))
     url = f"http://{http['host']}:{http['port']}"
@@ -182,8 +163,8 @@ def _run_ask_any(args: argparse.Namespace) -> int:
 def _add_serving(subcommands: argparse._SubParsersAction) -> None:
     serve_cmd = subcommands.add_parser(
         "serve", help="the main job: build the index if absent, serve RAG on 127.0.0.1:8000")
-    serve_cmd.add_argument("--config", default=_default_config_path(),
-                           help="a Serve config file (default: deploy.yaml)")
+    serve_cmd.add_argument("--config", default=None,
+                           help="a Serve config file (default: ./deploy.yaml, else the packaged one)")
     serve_cmd.add_argument("--port", type=int, default=None, help="override http_options.port")
     serve_cmd.add_argument("--generator", default=None,
                            help="generator name or path (e.g. EXPORT/generator from `rayrag export`)")

@@ -84,10 +84,9 @@ class RetrieverConfig(DeploymentConfig):
 
 @dataclass
 class GeneratorConfig(DeploymentConfig):
-    """RagModel = query encoder (for doc scores) + generator (name or path, e.g. a checkpoint)."""
+    """The generator: a name or a path (e.g. a checkpoint's export); doc scores come with requests."""
 
     generator: str = "default"
-    query_encoder: str = "default"
 
 
 @dataclass
@@ -118,8 +117,7 @@ class AppConfig:
         encoder = models.get("query_encoder", "default")
         retriever = {**_pick(RetrieverConfig, index), **(args.get("retriever") or {}),
                      "query_encoder": encoder, **({"index_root": root} if root else {})}
-        generator = {**(args.get("generator") or {}), "query_encoder": encoder,
-                     "generator": models.get("generator", "default")}
+        generator = {**(args.get("generator") or {}), "generator": models.get("generator", "default")}
         return cls(RetrieverConfig(**retriever), GeneratorConfig(**generator),
                    IngressConfig(args.get("admin_token")))
 
@@ -133,14 +131,12 @@ def _pick(kind: type, values: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Retrieved:
-    """One question's top-k from one index version, with the vectors the generator scores."""
+    """One question's top-k from one index version; `scores` are the doc scores RAG uses."""
 
     ids: list[int]
     titles: list[str]
     texts: list[str]
-    scores: list[float]
-    query_vector: np.ndarray  # (d,)
-    doc_vectors: np.ndarray  # (k, d)
+    scores: list[float]  # scale · q(x)ᵀ d(z)
     version: str
     retrieve_ms: float
 
@@ -150,15 +146,14 @@ class GenerateRequest:
     question: str
     titles: list[str]
     texts: list[str]
-    query_vector: np.ndarray  # (d,)
-    doc_vectors: np.ndarray  # (K, d)
+    doc_scores: list[float]  # (K,)
     mode: str
     decoding: str
     num_beams: int
     max_new_tokens: int
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys decode together in one RagModel.generate call."""
+        """Requests with equal keys decode together in one `generate_answers` call."""
         return (self.mode, self.decoding, self.num_beams, self.max_new_tokens, len(self.titles))
 
 
@@ -167,19 +162,18 @@ class Generated:
     """An answer, or `error` naming why this request's input cannot be decoded (→ 422)."""
 
     answer: str
-    doc_scores: list[float]
     generate_ms: float
     batch_size: int
     error: str | None = None
 
 
-def docs_of(found: Retrieved, scores: list[float]) -> list[Doc]:
-    """Provenance: the retrieved docs with `scores` and p(z|x) = softmax(scores)."""
+def docs_of(found: Retrieved) -> list[Doc]:
+    """Provenance: the retrieved docs with their scores and p(z|x) = softmax(scores)."""
     from services.rag import doc_log_probs
 
-    probs = doc_log_probs(torch.tensor([scores], dtype=torch.float32)).exp()[0]  # (K,)
+    probs = doc_log_probs(torch.tensor([found.scores], dtype=torch.float32)).exp()[0]  # (K,)
     return [Doc(id=i, title=t, text=x, score=s, prob=float(p))
-            for i, t, x, s, p in zip(found.ids, found.titles, found.texts, scores, probs)]
+            for i, t, x, s, p in zip(found.ids, found.titles, found.texts, found.scores, probs)]
 
 
 def _set_batching(method: Any, batch: BatchConfig) -> None:
@@ -194,10 +188,12 @@ class RetrieverDeployment:
     def __init__(self, config: RetrieverConfig):
         from cluster.encoders import TextEncoder
         from cluster.shard_group import ShardGroup, ShardGroupConfig
+        from services.rag_model import default_doc_score_scale
 
         torch.set_num_threads(config.torch_threads)
         self.config = config
         self.encoder = TextEncoder.from_pretrained(config.query_encoder).eval()
+        self.doc_score_scale = default_doc_score_scale(self.encoder)
         self.seen_pointer = published_version(config.index_root)
         self.group = ShardGroup(ShardGroupConfig(
             index_root=config.index_root, replicas=config.shard_replicas,
@@ -214,17 +210,21 @@ class RetrieverDeployment:
         return await asyncio.to_thread(self._retrieve_batch, questions, ks)
 
     def _retrieve_batch(self, questions: list[str], ks: list[int]) -> list[Retrieved]:
+        """Encode, search, and score the hits as RagModel does (from the stored doc vectors)."""
+        from services.rag_model import scaled_doc_scores
+
         start = time.perf_counter()
         queries = self.encoder.encode(questions)  # (B, d)
         found = self.group.search(queries, k=max(ks), return_vectors=True)
+        scores = scaled_doc_scores(torch.from_numpy(queries), torch.from_numpy(found.vectors),
+                                   self.doc_score_scale).numpy()  # (B, k)
         elapsed = (time.perf_counter() - start) * 1000
         out = []
         for b, k in enumerate(ks):
             hit = np.flatnonzero(found.ids[b, :k] >= 0)  # fewer than k passages: drop -1 slots
             out.append(Retrieved(
                 ids=found.ids[b, hit].tolist(), titles=[found.titles[b][i] for i in hit],
-                texts=[found.texts[b][i] for i in hit], scores=found.scores[b, hit].tolist(),
-                query_vector=queries[b], doc_vectors=found.vectors[b, hit],
+                texts=[found.texts[b][i] for i in hit], scores=scores[b, hit].tolist(),
                 version=found.version, retrieve_ms=elapsed))
         return out
 
@@ -276,18 +276,15 @@ class RetrieverDeployment:
 
 @serve.deployment(name="Generator")
 class GeneratorDeployment:
-    """RagModel decoding; `@serve.batch` groups compatible requests into one generate call."""
+    """RAG decoding; `@serve.batch` groups compatible requests into one generate call."""
 
     def __init__(self, config: GeneratorConfig):
-        from cluster.encoders import TextEncoder
         from services.generator import make_generator
         from services.models import load_generator
-        from services.rag_model import RagModel
 
         torch.set_num_threads(config.torch_threads)
         model, tokenizer = load_generator(config.generator)
-        self.model = RagModel(TextEncoder.from_pretrained(config.query_encoder),
-                              make_generator(model, tokenizer)).eval()
+        self.generator = make_generator(model, tokenizer).eval()
         self.failure: BaseException | None = None
         _set_batching(self.generate, config.batch)
 
@@ -312,20 +309,19 @@ class GeneratorDeployment:
             return self._generate_group(group)
         except ValueError as error:
             if len(group) == 1:
-                return [Generated("", [], 0.0, 1, error=str(error))]
+                return [Generated("", 0.0, 1, error=str(error))]
             return [r for request in group for r in self._generate_safely([request])]
 
-    @torch.no_grad()
     def _generate_group(self, group: list[GenerateRequest]) -> list[Generated]:
+        from services.rag_model import generate_answers
+
         start = time.perf_counter()
         first = group[0]
-        queries = torch.from_numpy(np.stack([r.query_vector for r in group]))  # (B, d)
-        docs = torch.from_numpy(np.stack([r.doc_vectors for r in group]))  # (B, K, d)
         try:
-            scores = self.model.doc_scores(queries, docs)  # (B, K)
-            answers = self.model.generate(
-                [r.question for r in group], [r.titles for r in group], [r.texts for r in group],
-                scores, mode=first.mode, decoding=first.decoding, num_beams=first.num_beams,
+            answers = generate_answers(
+                self.generator, [r.question for r in group], [r.titles for r in group],
+                [r.texts for r in group], [r.doc_scores for r in group], mode=first.mode,
+                decoding=first.decoding, num_beams=first.num_beams,
                 max_new_tokens=first.max_new_tokens)
         except ValueError:
             raise
@@ -333,8 +329,7 @@ class GeneratorDeployment:
             self.failure = error
             raise
         elapsed = (time.perf_counter() - start) * 1000
-        return [Generated(answer=a, doc_scores=s.tolist(), generate_ms=elapsed,
-                          batch_size=len(group)) for a, s in zip(answers, scores)]
+        return [Generated(answer=a, generate_ms=elapsed, batch_size=len(group)) for a in answers]
 
     def check_health(self) -> None:
         if self.failure is not None:

@@ -12,7 +12,38 @@ from services.generator import Generator
 from services.rag import rag_sequence_nll, rag_token_nll
 
 Variant = Literal["sequence", "token"]
+Decoding = Literal["thorough", "fast"]
 DEFAULT_NORMALISED_SCALE = 20.0
+
+
+def default_doc_score_scale(query_encoder: TextEncoder) -> float:
+    """20 for an L2-normalised encoder (cosine scores in [-1, 1]), 1 for a DPR-style one."""
+    return DEFAULT_NORMALISED_SCALE if query_encoder.normalize else 1.0
+
+
+def scaled_doc_scores(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · q(x)ᵀ d(z) for the K retrieved documents (B, K), differentiable in both inputs."""
+    return scale * torch.einsum("bd,bkd->bk", query_vectors, doc_vectors)  # (B, K)
+
+
+@torch.no_grad()
+def generate_answers(generator: Generator, questions: list[str], titles: list[list[str]],
+                     texts: list[list[str]], doc_scores: np.ndarray | torch.Tensor,
+                     mode: Variant = "sequence", decoding: Decoding = "thorough",
+                     num_beams: int = 4, max_new_tokens: int = 32) -> list[str]:
+    """Answer each question from its K passages and their doc scores (B, K); one string each."""
+    if mode not in ("sequence", "token"):
+        raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
+    if decoding not in ("thorough", "fast"):
+        raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
+    config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    ctx = generator.contexts(questions, titles, texts)
+    scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
+    if mode == "token":
+        tokens = rag_token_generate(generator, ctx, scores, config)  # (B, T)
+    else:
+        tokens = rag_sequence_generate(generator, ctx, scores, config, thorough=decoding == "thorough")
+    return generator.decode(tokens)
 
 
 class RagModel(torch.nn.Module):
@@ -21,14 +52,14 @@ class RagModel(torch.nn.Module):
     doc_score_scale multiplies the inner product q(x)ᵀd(z) before the softmax over documents. For
     L2-normalised encoders (cosine scores in [-1, 1]) a scale of about 20 gives p(z|x) a useful
     spread; DPR-style unnormalised encoders want 1. `None` picks 20 when the encoder says it
-    normalises (`encoder.normalize`) and 1 otherwise.
+    normalises (`encoder.normalize`) and 1 otherwise (`default_doc_score_scale`).
     """
 
     def __init__(self, query_encoder: TextEncoder, generator: Generator,
                  doc_score_scale: float | None = None) -> None:
         super().__init__()
         if doc_score_scale is None:
-            doc_score_scale = DEFAULT_NORMALISED_SCALE if query_encoder.normalize else 1.0
+            doc_score_scale = default_doc_score_scale(query_encoder)
         if not doc_score_scale > 0:
             raise ValueError(f"doc_score_scale must be > 0, got {doc_score_scale}")
         self.query_encoder = query_encoder
@@ -37,7 +68,7 @@ class RagModel(torch.nn.Module):
 
     def doc_scores(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         """scale · q(x)ᵀ d(z) for the K retrieved documents (B, K), differentiable in both inputs."""
-        return self.doc_score_scale * torch.einsum("bd,bkd->bk", query_vectors, doc_vectors)  # (B, K)
+        return scaled_doc_scores(query_vectors, doc_vectors, self.doc_score_scale)  # (B, K)
 
     def encode_queries(self, questions: list[str]) -> torch.Tensor:
         """q(x) with gradient (B, d)."""
@@ -63,21 +94,10 @@ class RagModel(torch.nn.Module):
                      exclude_bos_score=exclude_bos_score, bos_id=gen.bos_id)  # (B,)
         return nll.mean()
 
-    @torch.no_grad()
     def generate(self, questions: list[str], titles: list[list[str]], texts: list[list[str]],
                  doc_scores: np.ndarray | torch.Tensor, mode: Variant = "sequence",
-                 decoding: Literal["thorough", "fast"] = "thorough", num_beams: int = 4,
+                 decoding: Decoding = "thorough", num_beams: int = 4,
                  max_new_tokens: int = 32) -> list[str]:
         """Answer each question from its K passages; returns one string per question."""
-        if mode not in ("sequence", "token"):
-            raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
-        if decoding not in ("thorough", "fast"):
-            raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
-        config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
-        ctx = self.generator.contexts(questions, titles, texts)
-        scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
-        if mode == "token":
-            tokens = rag_token_generate(self.generator, ctx, scores, config)  # (B, T)
-        else:
-            tokens = rag_sequence_generate(self.generator, ctx, scores, config, thorough=decoding == "thorough")
-        return self.generator.decode(tokens)
+        return generate_answers(self.generator, questions, titles, texts, doc_scores, mode=mode,
+                                decoding=decoding, num_beams=num_beams, max_new_tokens=max_new_tokens)

@@ -21,6 +21,7 @@ from services.api import (
     sse,
 )
 from services.deployments import AppConfig
+from services.serve_file import read_serve_file
 
 
 def _error(raw: bytes, schema=AnswerRequest) -> ApiError:
@@ -94,14 +95,22 @@ def test_stream_reassembles_to_the_plain_completion():
     assert chunks[-1]["docs"] == plain["docs"] and plain["index_version"] == "v0001"
 
 
-def test_app_config_from_deploy_yaml_and_bad_args():
+def test_deploy_yaml_is_a_valid_serve_config():
     import yaml
+    from ray.serve.schema import ServeDeploySchema
 
-    with open(Path(__file__).parents[2] / "deploy.yaml") as file:
-        args = yaml.safe_load(file)["applications"][0]["args"]
-    config = AppConfig.from_args(args)
+    path = Path(__file__).parents[2] / "deploy.yaml"
+    with open(path) as file:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(file))
+    assert schema.http_options.host == "127.0.0.1"
+    assert schema.controller_options.runtime_env["env_vars"] == \
+        read_serve_file(str(path)).controller_options["runtime_env"]["env_vars"]
+
+
+def test_app_config_from_deploy_yaml_and_bad_args():
+    config = AppConfig.from_args(read_serve_file(str(Path(__file__).parents[2] / "deploy.yaml")).app_args)
     assert config.generator.deployment_options()["autoscaling_config"]["max_replicas"] >= 1
-    assert config.retriever.query_encoder == config.generator.query_encoder
+    assert config.retriever.query_encoder == "default" and config.generator.generator == "default"
     with pytest.raises(ValueError, match="unknown app args"):
         AppConfig.from_args({"modles": {}})
     with pytest.raises(ValueError, match="max_batch_size"):

@@ -43,6 +43,7 @@ def app(ray_session, tmp_path_factory):
     from cluster.index_build import build_index
     from services.app import build_app
     from services.models import save_tiny_generator
+    from services.serve_file import read_serve_file
 
     tmp = tmp_path_factory.mktemp("serve")
     encoder = save_tiny_encoder(tmp / "encoder")
@@ -52,7 +53,9 @@ def app(ray_session, tmp_path_factory):
     assert build_index(CORPUS_V2, root, encoder=encoder, shards=2, publish=False,
                        show_progress=False) == "v0002"
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # deploy.yaml's controller options: the tests exercise the request path users get.
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options=read_serve_file().controller_options or None)
     args = {"index": {"root": str(root), "follow_s": 0.3},
             "models": {"query_encoder": encoder, "generator": generator},
             "retriever": {"num_cpus": 0.5}, "generator": {"num_cpus": 0.5},
@@ -90,11 +93,13 @@ def test_provenance_matches_the_shard_group(app):
     """Docs of /v1/answer and /v1/retrieve are what one driver-side ShardGroup returns."""
     from cluster.encoders import TextEncoder
     from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from services.rag_model import default_doc_score_scale
 
     questions = ["Where was the blue falcon2 seen?", "golden falcon5 Perth"]
+    encoder = TextEncoder.from_pretrained(app["encoder"])
     group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
     try:
-        reference = group.search(TextEncoder.from_pretrained(app["encoder"]).encode(questions), k=5)
+        reference = group.search(encoder.encode(questions), k=5)
     finally:
         group.close()
     retrieved = app["client"].post("/v1/retrieve", json={"questions": questions, "k": 5}).json()
@@ -105,8 +110,10 @@ def test_provenance_matches_the_shard_group(app):
             assert [d["id"] for d in docs] == reference.ids[b].tolist()
             assert [d["title"] for d in docs] == reference.titles[b]
             assert [d["text"] for d in docs] == reference.texts[b]
-        np.testing.assert_allclose([d["score"] for d in retrieved["results"][b]],
-                                   reference.scores[b], rtol=1e-4, atol=1e-5)
+        scores = [[d["score"] for d in docs] for docs in (answer["docs"], retrieved["results"][b])]
+        np.testing.assert_allclose(scores[0], scores[1], rtol=1e-6)  # one scoring for both
+        np.testing.assert_allclose(scores[1], default_doc_score_scale(encoder) * reference.scores[b],
+                                   rtol=1e-4, atol=1e-4)
         assert CORPUS_V1[reference.ids[b][0]].text == reference.texts[b][0]
 
 
