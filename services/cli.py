@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from cluster.runtime import init_ray
+from services.serve_file import ServeFile, read_serve_file
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -54,16 +55,39 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+def serve_app_args(config: ServeFile, args: argparse.Namespace) -> dict:
+    """The config file's app args with the command line's models and index on top; a pinned
+    `--index-version` stops the app from following the root's published pointer."""
+    app_args = config.app_args
+    models = {key: value for key, value in (("generator", args.generator),
+                                            ("query_encoder", args.query_encoder)) if value}
+    app_args["models"] = {**(app_args.get("models") or {}), **models}
+    index = dict(app_args.get("index") or {})
+    if args.index_root:
+        index["root"] = args.index_root
+    if args.index_version:
+        index.update(version=args.index_version, follow_s=0)
+    app_args["index"] = index
+    return app_args
+
+
 def _ensure_index(index: dict) -> None:
-    """Build and publish the index the app serves when its root has no published version."""
+    """Build and publish the index the app serves when its root has no published version; a
+    pinned version must already be there."""
     from pathlib import Path
 
     from cluster.index_build import build_index
-    from cluster.index_store import published_version
+    from cluster.index_store import list_versions, published_version
     from cluster.passages import load_corpus
     from services.deployments import default_index_root
 
     root = Path(index.get("root") or default_index_root()).expanduser()
+    if index.get("version"):
+        if index["version"] not in list_versions(root):
+            raise ValueError(f"index version {index['version']!r} is not in {root}; "
+                             f"it has {list_versions(root)}")
+        print(f"index: {root} (version {index['version']}, pinned)", flush=True)
+        return
     if published_version(root) is not None:
         print(f"index: {root} (version {published_version(root)})", flush=True)
         return
@@ -96,15 +120,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from services.app import build_app
-    from services.serve_file import read_serve_file
 
     config = read_serve_file(args.config)
-    http, app, app_args = config.http_options, config.app, config.app_args
+    http, app, app_args = config.http_options, config.app, serve_app_args(config, args)
     if args.port is not None:
         http["port"] = args.port
-    overrides = {key: value for key, value in (("generator", args.generator),
-                                                ("query_encoder", args.query_encoder)) if value}
-    app_args["models"] = {**(app_args.get("models") or {}), **overrides}
     init_ray(log_to_driver=False)  # $RAY_ADDRESS when set, else a local Ray on 127.0.0.1
     _ensure_index(app_args.get("index") or {})
     _warm_models(app_args.get("models") or {})
@@ -170,6 +190,10 @@ def _add_serving(subcommands: argparse._SubParsersAction) -> None:
                            help="generator name or path (e.g. EXPORT/generator from `rayrag export`)")
     serve_cmd.add_argument("--query-encoder", default=None,
                            help="query encoder name or path (e.g. EXPORT/query_encoder)")
+    serve_cmd.add_argument("--index-root", default=None, help="override index.root")
+    serve_cmd.add_argument("--index-version", default=None,
+                           help="serve this version and do not follow the published pointer "
+                                "(e.g. the one a checkpoint with a trained doc encoder names)")
     serve_cmd.set_defaults(run=run_serve)
     ask = subcommands.choices["ask"]
     ask.add_argument("--url", default=DEFAULT_URL, help="the running app (without --local)")

@@ -80,10 +80,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Write the folders; print them, and how to serve them, as one JSON object."""
+    from training.checkpoint import read_state
     from training.modules import export_models
 
     folders = export_models(args.checkpoint, args.out)
-    print(json.dumps(folders))
+    state = read_state(args.checkpoint)
+    serve = f"rayrag serve --generator {folders['generator']} --query-encoder {folders['query_encoder']}"
+    if state.doc_encoder_trained:  # its doc vectors live in the version its refresh published
+        serve += f" --index-root INDEX_ROOT --index-version {state.index_version}"
+    print(json.dumps({**folders, "index_version": state.index_version, "serve": serve}))
     return 0
 
 

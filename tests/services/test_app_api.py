@@ -115,3 +115,19 @@ def test_app_config_from_deploy_yaml_and_bad_args():
         AppConfig.from_args({"modles": {}})
     with pytest.raises(ValueError, match="max_batch_size"):
         AppConfig.from_args({"generator": {"batch": {"max_batch_size": 0}}})
+
+
+def test_serve_command_line_pins_an_index_version(tmp_path):
+    """`rayrag serve --index-root R --index-version V` serves V without following R's pointer,
+    and refuses, naming V, when V is not in R."""
+    from rayrag_cli import build_parser
+    from services.cli import _ensure_index, serve_app_args
+
+    args = build_parser().parse_args(["serve", "--index-root", str(tmp_path), "--index-version",
+                                      "v0003", "--generator", "trained/generator"])
+    app_args = serve_app_args(read_serve_file(), args)
+    config = AppConfig.from_args(app_args)
+    assert (config.retriever.index_root, config.retriever.version) == (str(tmp_path), "v0003")
+    assert config.retriever.follow_s == 0 and config.generator.generator == "trained/generator"
+    with pytest.raises(ValueError, match="'v0003' is not in"):
+        _ensure_index(app_args["index"])

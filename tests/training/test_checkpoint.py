@@ -1,6 +1,8 @@
 """Checkpoints: weights + optimiser + step + index version round-trip; incompatible models refused."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -41,11 +43,14 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         read_state(tmp_path / "nowhere")
 
 
-def test_export_gives_folders_that_load_as_the_trained_models(tmp_path):
+def test_export_gives_folders_that_load_as_the_trained_models(tmp_path, capsys):
     """`rayrag export`: the trained weights come back through the plain loaders serving uses."""
+    from argparse import Namespace
+
     from cluster.encoders import TextEncoder, save_tiny_encoder
     from services.models import load_generator, save_tiny_generator
     from training.config import ModelsConfig
+    from training.cli import run_export
     from training.modules import build_train_module, export_models
 
     encoder = save_tiny_encoder(tmp_path / "encoder")
@@ -69,3 +74,8 @@ def test_export_gives_folders_that_load_as_the_trained_models(tmp_path):
     trained = module.rag.generator.model.state_dict()
     for key, value in generator.state_dict().items():
         assert torch.equal(value, trained[key]), key
+
+    assert run_export(Namespace(checkpoint=str(tmp_path / "ckpt"), out=str(tmp_path / "again"))) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["index_version"] == "v0002"  # a trained doc encoder: serve the version it made
+    assert printed["serve"].endswith("--index-version v0002")
