@@ -138,16 +138,22 @@ class Timings(BaseModel):
     total: float
 
 
+COVERAGE = Field(..., description="fraction of the index's shards that answered; below 1 a shard "
+                                  "was down and its passages could not be retrieved")
+
+
 class AnswerResponse(BaseModel):
     answer: str
     mode: str
     index_version: str
+    index_coverage: float = COVERAGE
     docs: list[Doc]
     timings_ms: Timings
 
 
 class RetrieveResponse(BaseModel):
     index_version: str
+    index_coverage: float = COVERAGE
     results: list[list[Doc]]
     timings_ms: dict[str, float]
 
@@ -237,4 +243,5 @@ def sse(chunks: list[dict[str, Any]]) -> list[str]:
 def _extras(answer: AnswerResponse, marks: list[int]) -> dict[str, Any]:
     return {"docs": [d.model_dump() for d in answer.docs], "citations": marks,
             "mode": answer.mode, "index_version": answer.index_version,
+            "index_coverage": answer.index_coverage,
             "timings_ms": answer.timings_ms.model_dump()}

@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from cluster.shard_group import ShardUnavailableError
 from services.api import (
     MAX_BODY_BYTES,
     AnswerRequest,
@@ -32,6 +33,7 @@ from services.deployments import (
     GeneratorDeployment,
     GenerateRequest,
     IngressConfig,
+    Retrieved,
     RetrieverDeployment,
     docs_of,
 )
@@ -84,10 +86,17 @@ class Ingress:
         self.generator = generator.options(_by_reference=False)
         self.admin_token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
 
+    async def retrieve(self, question: str, k: int) -> Retrieved:
+        """The top-k from the Retriever; 503 naming the shards when none of them can answer."""
+        try:
+            return await self.retriever.retrieve.remote(question, k)
+        except ShardUnavailableError as error:
+            raise ApiError(503, f"the index cannot be searched right now: {error}") from error
+
     async def answer(self, question: str, options: DecodingOptions) -> AnswerResponse:
         """Retrieve, then generate; timings are the replicas' in-process times and the total."""
         start = time.perf_counter()
-        found = await self.retriever.retrieve.remote(question, options.n_docs)
+        found = await self.retrieve(question, options.n_docs)
         generated = await self.generator.generate.remote(GenerateRequest(
             question=question, titles=found.titles, texts=found.texts, doc_scores=found.scores,
             mode=options.mode, decoding=options.decoding, num_beams=options.num_beams,
@@ -97,7 +106,7 @@ class Ingress:
         total = (time.perf_counter() - start) * 1000
         return AnswerResponse(
             answer=generated.answer, mode=options.mode, index_version=found.version,
-            docs=docs_of(found),
+            index_coverage=found.coverage, docs=docs_of(found),
             timings_ms={"retrieve": found.retrieve_ms, "generate": generated.generate_ms,
                         "total": total})
 
@@ -110,14 +119,14 @@ class Ingress:
     @api.post("/v1/retrieve", response_model=RetrieveResponse,
               openapi_extra=_body_doc(RetrieveRequest))
     async def post_retrieve(self, request: Request) -> RetrieveResponse:
-        """Top-k passages per question (score = inner product, prob = softmax over k)."""
+        """Top-k passages per question (score as RAG uses it, prob = softmax over the k)."""
         body = parse_request(await read_body(request), RetrieveRequest)
         start = time.perf_counter()
-        found = await asyncio.gather(*(self.retriever.retrieve.remote(q, body.k)
-                                       for q in body.all_questions()))
+        found = await asyncio.gather(*(self.retrieve(q, body.k) for q in body.all_questions()))
         versions = {f.version for f in found}
         return RetrieveResponse(
             index_version=found[0].version if len(versions) == 1 else ",".join(sorted(versions)),
+            index_coverage=min(f.coverage for f in found),
             results=[docs_of(f) for f in found],
             timings_ms={"retrieve": max(f.retrieve_ms for f in found),
                         "total": (time.perf_counter() - start) * 1000})

@@ -169,7 +169,9 @@ def ask_http(args: argparse.Namespace) -> int:
         raise ValueError(f"no rayrag server at {args.url} ({error}); start one with "
                          f"`rayrag serve`, or use `rayrag ask --local`") from error
     print(f"Answer: {answer['answer']}")
-    print(f"Sources (index {answer['index_version']}, {answer['mode']}):")
+    partial = (f", only {answer['index_coverage']:.0%} of the index answered"
+               if answer["index_coverage"] < 1 else "")
+    print(f"Sources (index {answer['index_version']}, {answer['mode']}{partial}):")
     for rank, doc in enumerate(answer["docs"], start=1):
         print(f"  [{rank}] {doc['title']} (p={doc['prob']:.2f}, passage {doc['id']}): "
               f"{doc['text'][:100]}")

@@ -138,6 +138,7 @@ class Retrieved:
     texts: list[str]
     scores: list[float]  # scale · q(x)ᵀ d(z)
     version: str
+    coverage: float  # fraction of shards that answered
     retrieve_ms: float
 
 
@@ -225,7 +226,7 @@ class RetrieverDeployment:
             out.append(Retrieved(
                 ids=found.ids[b, hit].tolist(), titles=[found.titles[b][i] for i in hit],
                 texts=[found.texts[b][i] for i in hit], scores=scores[b, hit].tolist(),
-                version=found.version, retrieve_ms=elapsed))
+                version=found.version, coverage=found.coverage, retrieve_ms=elapsed))
         return out
 
     def swap(self, version: str) -> str:

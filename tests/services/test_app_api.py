@@ -73,8 +73,8 @@ def test_chat_takes_the_last_user_message_and_openai_fields():
 def _answer(text: str) -> AnswerResponse:
     docs = [Doc(id=7, title="A", text="Kubrick directed it.", score=2.0, prob=0.3),
             Doc(id=9, title="B", text="Made in 1968.", score=3.0, prob=0.7)]
-    return AnswerResponse(answer=text, mode="sequence", index_version="v0001", docs=docs,
-                          timings_ms={"retrieve": 1, "generate": 2, "total": 4})
+    return AnswerResponse(answer=text, mode="sequence", index_version="v0001", index_coverage=1.0,
+                          docs=docs, timings_ms={"retrieve": 1, "generate": 2, "total": 4})
 
 
 def test_citations_point_at_docs_holding_the_answer_else_the_likeliest():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -253,3 +255,51 @@ def test_swap_during_traffic_drops_nothing(app):
         assert {d["text"] for d in body["docs"]} <= texts[body["index_version"]]
         assert body["index_version"] == "v0002" or not sent_after_swap
     assert client.get("/v1/index").json()["version"] == "v0002"
+
+
+def test_rayrag_ask_prints_the_answer_and_its_sources(app, capsys):
+    from rayrag_cli import build_parser
+
+    args = build_parser().parse_args(["ask", "Where was the red falcon0 seen?", "--url",
+                                      f"http://127.0.0.1:{app['port']}", "--n-docs", "3",
+                                      "--num-beams", "1", "--max-new-tokens", "2"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Answer: ") and "Sources (index v000" in out and "only" not in out
+    assert len([line for line in out.splitlines() if line.startswith("  [")]) == 3
+
+
+def _kill_shard_replicas(client: httpx.Client, shards: list[int]) -> None:
+    """SIGKILL the process of every ready replica of `shards` (pids from /healthz)."""
+    report = client.get("/healthz").json()
+    for shard in shards:
+        for replica in report["shards"][shard]:
+            if replica["state"] == "ready":
+                os.kill(replica["pid"], signal.SIGKILL)
+
+
+def _wait_for_full_coverage(client: httpx.Client, timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = client.post("/v1/answer", json={"question": "the red thing", "n_docs": 3,
+                                                   "num_beams": 1, "max_new_tokens": 2})
+        if response.status_code == 200 and response.json()["index_coverage"] == 1.0:
+            return response.json()
+        time.sleep(0.5)
+    raise AssertionError("the shard group did not recover full coverage")
+
+
+def test_dead_shards_degrade_visibly_then_recover(app):
+    """Shard 0's only replica killed: answers go on from shard 1 with index_coverage 0.5, then
+    full coverage once it is restarted. Every shard killed: 503 naming the shards, then answers."""
+    client = app["client"]
+    _wait_for_full_coverage(client)
+    _kill_shard_replicas(client, [0])
+    degraded = _answer(client, "the blue thing", n_docs=3, num_beams=1, max_new_tokens=2)
+    assert degraded["index_coverage"] == 0.5 and len(degraded["docs"]) == 3
+    _wait_for_full_coverage(client)
+    _kill_shard_replicas(client, [0, 1])
+    down = client.post("/v1/answer", json={"question": "the green thing", "n_docs": 3})
+    assert down.status_code == 503, down.text
+    assert "no live replica for shards [0, 1]" in down.json()["error"]["message"]
+    _wait_for_full_coverage(client)
