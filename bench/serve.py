@@ -7,7 +7,9 @@ models by default or `--default-models`, over an index it builds in a temporary 
 highest concurrency. Serve overhead = client end-to-end latency minus the model time the
 replicas measured in process (retrieve + generate). Its reference is the floor: the same request
 shape (proxy → Ingress → two by-value handle hops) through deployments that do no work, measured
-in the same run. The last line printed is one JSON object with every figure.
+in the same run. Batching's reference is the generator's own ceiling: one batch against the same
+questions one at a time, in this process. Each level also reports the CPU its Serve processes
+spent per answer. The last line printed is one JSON object with every figure.
 
     python bench/serve.py                       # tiny models, 500 requests at 1, 8, 16
     python bench/serve.py --requests 200 --default-models --num-beams 4 --max-new-tokens 32
@@ -122,12 +124,32 @@ async def load(url: str, questions: list[str], concurrency: int, body: dict) -> 
             "proxy_ms_p50": float(np.percentile(proxy, 50))}
 
 
+SERVE_PROCESSES = {"ray::ProxyActor": "proxy", "bench:Ingress": "ingress",
+                   "bench:Retriever": "retriever", "ray::Shard": "shards", "bench:Generator": "generator"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds the app's processes have used so far, by part."""
+    import psutil
+
+    used = dict.fromkeys(SERVE_PROCESSES.values(), 0.0)
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        line, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
+        for needle, part in SERVE_PROCESSES.items():
+            if needle in line and times is not None:
+                used[part] += times.user + times.system
+    return used
+
+
 def run_levels(url: str, questions: list[str], levels: list[int], body: dict, tag: str) -> list[dict]:
     asyncio.run(load(url, questions[: max(levels)], max(levels), body))  # warm-up: one each
     results = []
     for level in levels:
+        before = cpu_seconds()
         result = asyncio.run(load(url, questions, level, body))
-        results.append({"batching": tag, **result})
+        cpu = {part: round((used - before[part]) * 1000 / len(questions), 1)
+               for part, used in cpu_seconds().items()}
+        results.append({"batching": tag, **result, "cpu_ms_per_answer": cpu})
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -166,6 +188,34 @@ def floor_ms_p50(url: str, questions: list[str], body: dict) -> float:
     return float(np.percentile(latencies[len(latencies) // 10:], 50))  # first 10 %: warm-up
 
 
+def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch: int) -> float:
+    """Throughput of one batch of `batch` questions over the same questions one at a time, with
+    the app's generator and threads in this process: what batching can win in the model alone."""
+    import torch
+
+    from services.generator import make_generator
+    from services.models import load_generator
+    from services.rag_model import generate_answers
+
+    torch.set_num_threads(int(app_args["generator"].get("torch_threads", 1)))
+    generator = make_generator(*load_generator(app_args["models"]["generator"])).eval()
+    k = body["n_docs"]
+    questions = [f"What is known about {p.title}?" for p in passages[:batch]]
+    titles = [[p.title for p in passages[i:i + k]] for i in range(batch)]
+    texts = [[p.text for p in passages[i:i + k]] for i in range(batch)]
+    options = {key: body[key] for key in ("mode", "decoding", "num_beams", "max_new_tokens")}
+
+    def seconds(rows: slice) -> float:
+        start = time.perf_counter()
+        generate_answers(generator, questions[rows], titles[rows], texts[rows],
+                         np.zeros((len(questions[rows]), k), np.float32), **options)
+        return time.perf_counter() - start
+
+    seconds(slice(0, 1))  # warm-up
+    alone = sum(seconds(slice(i, i + 1)) for i in range(batch))
+    return alone / seconds(slice(0, batch))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -190,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         picks = rng.integers(0, len(passages), args.requests)
         questions = [f"What is known about {passages[i].title}?" for i in picks]
+        ceiling = generator_batching_ceiling(app_args, passages, body, max(args.levels))
         serve.start(http_options={"host": "127.0.0.1", "port": port},
                     controller_options=config.controller_options or None)
         try:
@@ -210,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_over_floor": by_level[min(args.levels)]["overhead_ms_p50"] / floor,
         "batching_speedup_c16" if top == 16 else f"batching_speedup_c{top}":
             by_level[top]["throughput_rps"] / off[0]["throughput_rps"],
+        f"generator_batching_ceiling_b{top}": ceiling,
         "p99_ms_c8": by_level.get(8, {}).get("p99_ms"),
         "levels": on + off,
     }

@@ -83,9 +83,9 @@ def _ensure_index(index: dict) -> None:
 
     root = Path(index.get("root") or default_index_root()).expanduser()
     if index.get("version"):
-        if index["version"] not in list_versions(root):
-            raise ValueError(f"index version {index['version']!r} is not in {root}; "
-                             f"it has {list_versions(root)}")
+        versions = list_versions(root)
+        if index["version"] not in versions:
+            raise ValueError(f"index version {index['version']!r} is not in {root}; it has {versions}")
         print(f"index: {root} (version {index['version']}, pinned)", flush=True)
         return
     if published_version(root) is not None:
