@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from cluster import cli as cluster_cli
-from services import cli as services_cli
+from services.serving import cli as services_cli
 from training import cli as training_cli
 
 

@@ -20,11 +20,18 @@ from collections.abc import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertModel, RagConfig,  # noqa: E402
-                          RagSequenceForGeneration, RagTokenForGeneration)
+from transformers import (  # noqa: E402
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+)
 
-from services.decoding import BeamConfig, rag_sequence_generate, rag_token_generate  # noqa: E402
-from services.generator import Contexts, Seq2SeqGenerator  # noqa: E402
+from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_generate  # noqa: E402
+from services.rag.generator import Contexts, Seq2SeqGenerator  # noqa: E402
 
 PAD, EOS = 1, 2
 

@@ -30,6 +30,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_models
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -56,10 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_index_and_models(args: argparse.Namespace, tmp: Path, app_args: dict) -> tuple[dict, list]:
     """`app_args` over an index of the first passages of the default corpus and the chosen models."""
-    from cluster.encoders import save_tiny_encoder
     from cluster.index_build import build_index
     from cluster.passages import load_corpus
-    from services.models import save_tiny_generator
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
     if args.default_models:
         encoder, generator = "default", "default"
@@ -77,7 +78,7 @@ def build_index_and_models(args: argparse.Namespace, tmp: Path, app_args: dict) 
 
 def deploy(app_args: dict, batching: bool) -> None:
     """(Re)deploy the app with the config's batching, or with every batch size set to 1."""
-    from services.app import build_app
+    from services.serving.app import build_app
 
     args = dict(app_args)
     if not batching:
@@ -193,9 +194,9 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
     the app's generator and threads in this process: what batching can win in the model alone."""
     import torch
 
-    from services.generator import make_generator
-    from services.models import load_generator
-    from services.rag_model import generate_answers
+    from services.rag.generator import make_generator
+    from services.rag.loading import load_generator
+    from services.rag.model import generate_answers
 
     torch.set_num_threads(int(app_args["generator"].get("torch_threads", 1)))
     generator = make_generator(*load_generator(app_args["models"]["generator"])).eval()
@@ -225,7 +226,7 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from services.serve_file import read_serve_file
+    from services.serving.serve_file import read_serve_file
 
     args = parse_args(argv)
     config = read_serve_file(args.config)

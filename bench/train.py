@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_models
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,8 +70,7 @@ def make_data(root: Path, passages: int, seed: int = 0) -> tuple[str, str]:
 
 
 def make_models(root: Path, encoder: str, generator: str) -> tuple[str, str]:
-    from cluster.encoders import save_tiny_encoder
-    from services.models import save_tiny_generator
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
     if encoder == "tiny":
         encoder = save_tiny_encoder(root / "encoder", dim=128, layers=2)
@@ -87,8 +89,8 @@ def step_times(history: Path, warmup: int) -> list[tuple[int, float, str]]:
 
 def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     """The same train_step in this process: no Ray Train, the shard group called directly."""
-    from cluster.passages import load_qa
     from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from training.data import load_qa
     from training.loop import global_batch, make_optimizer, train_step
     from training.modules import build_train_module
 

@@ -199,22 +199,3 @@ def load_encoders(
     if doc is None or doc == query:
         return query_encoder, copy.deepcopy(query_encoder)
     return query_encoder, TextEncoder.from_pretrained(doc, **kwargs)
-
-
-def save_tiny_encoder(path: str | Path, dim: int = 32, seed: int = 0, layers: int = 2) -> str:
-    """Write a seeded random BERT encoder with the MiniLM tokenizer to `path` (for tests)."""
-    path = Path(path)
-    source = Path(default_encoder_path())
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=dim,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, dim // 16),
-        intermediate_size=2 * dim,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(seed)
-    transformers.BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)

@@ -1,4 +1,4 @@
-"""Corpora and QA data: loading, and chunking documents into ≤100-word passages with stable ids."""
+"""Corpora: loading, and chunking documents into ≤100-word passages with stable ids."""
 from __future__ import annotations
 
 import importlib.util
@@ -23,20 +23,6 @@ class Passage:
     id: int
     title: str
     text: str
-
-
-@dataclass(frozen=True)
-class QAExample:
-    """A question with every accepted answer (at least one)."""
-
-    question: str
-    answers: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not self.question.strip():
-            raise ValueError(f"empty question: {self.question!r}")
-        if not self.answers or not all(a.strip() for a in self.answers):
-            raise ValueError(f"question {self.question!r} has no answers: {self.answers!r}")
 
 
 def passage_text(passage: Passage) -> str:
@@ -103,7 +89,7 @@ def _default_docs(path: Path) -> Iterator[tuple[str, str]]:
         yield entry.get("title") or key, entry.get("extract", "")
 
 
-def _squad_articles(path: Path) -> list[dict]:
+def squad_articles(path: Path) -> list[dict]:
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise ValueError(f"{str(path)!r} is not SQuAD format (no 'data' list)")
@@ -111,13 +97,13 @@ def _squad_articles(path: Path) -> list[dict]:
 
 
 def _squad_docs(path: Path) -> Iterator[tuple[str, str]]:
-    for article in _squad_articles(path):
+    for article in squad_articles(path):
         title = article.get("title", "").replace("_", " ")
         for paragraph in article.get("paragraphs", []):
             yield title, paragraph.get("context", "")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -132,7 +118,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _jsonl_docs(path: Path) -> Iterator[tuple[str, str]]:
-    for number, row in _jsonl_rows(path):
+    for number, row in jsonl_rows(path):
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             name = row.get("id", row.get("title"))
@@ -164,40 +150,3 @@ def load_corpus(spec: str, limit: int | None = None) -> list[Passage]:
     if not passages:
         raise ValueError(f"corpus {spec!r} is empty")
     return passages
-
-
-def _unique(texts: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(t.strip() for t in texts if t.strip()))
-
-
-def _squad_qa(path: Path) -> Iterator[QAExample]:
-    for article in _squad_articles(path):
-        for paragraph in article.get("paragraphs", []):
-            for qa in paragraph.get("qas", []):
-                answers = _unique(a.get("text", "") for a in qa.get("answers", []))
-                if not answers:
-                    raise ValueError(f"{str(path)!r}: question {qa.get('id')!r} has no answers")
-                yield QAExample(question=qa["question"], answers=answers)
-
-
-def _jsonl_qa(path: Path) -> Iterator[QAExample]:
-    for number, row in _jsonl_rows(path):
-        question, answers = row.get("question"), row.get("answers")
-        if isinstance(answers, str):
-            answers = [answers]
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{str(path)!r} line {number} has no question: {question!r}")
-        if not isinstance(answers, list) or not _unique(str(a) for a in answers):
-            raise ValueError(f"{str(path)!r} line {number} has no answers: {answers!r}")
-        yield QAExample(question=question, answers=_unique(str(a) for a in answers))
-
-
-def load_qa(path: str) -> list[QAExample]:
-    """Question/answer pairs from SQuAD-format .json, JSONL {"question","answers"}, or "squad-dev"."""
-    file = squad_dev_path() if path == "squad-dev" else Path(path)
-    if not file.is_file() or file.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"unknown QA data {path!r}: expected 'squad-dev', a .json or .jsonl file")
-    examples = list(_squad_qa(file) if file.suffix == ".json" else _jsonl_qa(file))
-    if not examples:
-        raise ValueError(f"QA data {path!r} is empty")
-    return examples

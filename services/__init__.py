@@ -1,1 +1,1 @@
-"""The RAG model (pure PyTorch math, generators, decoding) and the Ray Serve application."""
+"""The RAG model and the Ray Serve application that serves it, as two subpackages."""

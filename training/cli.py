@@ -47,7 +47,7 @@ def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: s
 
 def run_eval(args: argparse.Namespace) -> int:
     from cluster.index_store import load_manifest, resolve_version
-    from cluster.passages import load_qa
+    from training.data import load_qa
     from cluster.shard_group import ShardGroup, ShardGroupConfig
     from training.config import ModelsConfig
     from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, write_plots

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from cluster.passages import Passage, QAExample, passage_text
-from services.rag_model import RagModel
+from cluster.passages import Passage, passage_text
+from training.data import QAExample
+from services.rag.model import RagModel
 from training.metrics import recall_at_k, score_predictions
 
 SETTINGS = ("closed_book", "rag_token", "rag_sequence")

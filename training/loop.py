@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cluster.passages import QAExample, load_qa
+from training.data import QAExample, load_qa
 from cluster.shard_group import SearchResult
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
 from training.config import RefreshSchedule, TrainConfig

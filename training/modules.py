@@ -8,9 +8,9 @@ import torch
 
 from cluster.encoders import TextEncoder
 from cluster.passages import Passage, passage_text
-from services.generator import make_generator
-from services.models import load_generator
-from services.rag_model import RagModel
+from services.rag.generator import make_generator
+from services.rag.loading import load_generator
+from services.rag.model import RagModel
 from training.checkpoint import TrainState, load_checkpoint, read_state
 from training.config import ModelsConfig
 

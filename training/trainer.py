@@ -11,7 +11,8 @@ from ray.train.torch import TorchTrainer
 
 from cluster.index_build import build_index
 from cluster.index_store import load_manifest, published_version
-from cluster.passages import load_corpus, load_qa
+from cluster.passages import load_corpus
+from training.data import load_qa
 from cluster.shard_group import ShardGroup, ShardGroupConfig
 from training.checkpoint import STATE, read_state
 from training.config import TrainConfig

@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from cluster.encoders import TextEncoder, default_encoder_path, load_encoders, save_tiny_encoder
+from cluster.encoders import TextEncoder, default_encoder_path, load_encoders
+from tests.tiny_models import save_tiny_encoder
 
 TEXTS = ["Who directed 2001: A Space Odyssey?", "Stanley Kubrick was a film director. " * 12, "hi"]
 

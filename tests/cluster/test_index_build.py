@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.encoders import TextEncoder, save_tiny_encoder
+from cluster.encoders import TextEncoder
 from cluster.index_build import build_index
 from cluster.index_store import list_versions, load_manifest, published_version
 from cluster.passages import Passage, passage_text
 from cluster.shard import Shard, ShardConfig
 from rayrag_cli import main
+from tests.tiny_models import save_tiny_encoder
 
 WORDS = "river castle planet violin harbor desert glacier market engine poem forest comet".split()
 

@@ -10,8 +10,16 @@ import pytest
 from cluster import index_build
 from cluster.cli import run_list
 from cluster.index_build import build_index_from_vectors, shard_bounds
-from cluster.index_store import (check_index_root, list_versions, load_manifest, publish,
-                                 published_version, resolve_version, verify_shard_files, version_dir)
+from cluster.index_store import (
+    check_index_root,
+    list_versions,
+    load_manifest,
+    publish,
+    published_version,
+    resolve_version,
+    verify_shard_files,
+    version_dir,
+)
 from cluster.passages import Passage
 
 

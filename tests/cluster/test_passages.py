@@ -8,13 +8,12 @@ import pytest
 
 from cluster.passages import (
     Passage,
-    QAExample,
     chunk_documents,
     load_corpus,
-    load_qa,
     passage_text,
     squad_dev_path,
 )
+from training.data import QAExample, load_qa
 
 
 def _words(n: int, tag: str = "w") -> str:

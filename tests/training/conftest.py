@@ -49,8 +49,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory) -> Toy:
-    from cluster.encoders import save_tiny_encoder
-    from services.models import save_tiny_generator
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
     root = tmp_path_factory.mktemp("toy")
     answers = dict(zip(KEYS, np.random.default_rng(0).permutation(ANSWERS).tolist()))
@@ -86,8 +85,7 @@ POOL = 16
 def pool_toy(tmp_path_factory) -> Toy:
     """64 training keys, passage title = key, text = its answer (one of 16 words); the encoder is
     wide (768) so that title-token overlap retrieves the right passage; the generator has 1 layer."""
-    from cluster.encoders import save_tiny_encoder
-    from services.models import save_tiny_generator
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
     root = tmp_path_factory.mktemp("pool_toy")
     keys = KEYS + MORE_KEYS

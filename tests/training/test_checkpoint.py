@@ -47,10 +47,11 @@ def test_export_gives_folders_that_load_as_the_trained_models(tmp_path, capsys):
     """`rayrag export`: the trained weights come back through the plain loaders serving uses."""
     from argparse import Namespace
 
-    from cluster.encoders import TextEncoder, save_tiny_encoder
-    from services.models import load_generator, save_tiny_generator
-    from training.config import ModelsConfig
+    from cluster.encoders import TextEncoder
+    from services.rag.loading import load_generator
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
     from training.cli import run_export
+    from training.config import ModelsConfig
     from training.modules import build_train_module, export_models
 
     encoder = save_tiny_encoder(tmp_path / "encoder")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.passages import Passage, load_qa, passage_text
+from cluster.passages import Passage, passage_text
 from cluster.shard_group import SearchResult, ShardGroup, ShardGroupConfig
 from training.config import TrainConfig, config_from_dict
+from training.data import load_qa
 from training.evaluate import EvalConfig, Retrieved, predict, retrieve
 from training.loop import Search, global_batch, make_optimizer, train_step
 from training.metrics import recall_at_k, score_predictions

@@ -17,11 +17,10 @@ import ray
 import torch
 
 from cluster.index_store import published_version
+from rayrag_cli import main
 from training.checkpoint import read_state
 from training.config import config_from_dict
 from training.trainer import prepare_index, run_training
-
-from rayrag_cli import main
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 STEPS = 16
@@ -141,8 +140,8 @@ def test_two_worker_ddp_gradients_equal_full_batch(toy, toy_index, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.passages import load_qa
     from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from training.data import load_qa
     from training.loop import actor_search, forward_backward
     from training.modules import build_train_module
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.decoding import BeamConfig, generated_mask, rag_sequence_generate, rag_token_generate
-from services.generator import Contexts, Seq2SeqGenerator
-from services.rag import doc_log_probs
-from tests.services.rag_fixtures import BART_EOS, BART_PAD, hf_rag, random_contexts, tiny_bart
+from services.rag.decoding import (
+    BeamConfig,
+    generated_mask,
+    rag_sequence_generate,
+    rag_token_generate,
+)
+from services.rag.generator import Contexts, Seq2SeqGenerator
+from services.rag.marginal import doc_log_probs
+from tests.services.rag.rag_fixtures import (
+    BART_EOS,
+    BART_PAD,
+    hf_rag,
+    random_contexts,
+    tiny_bart,
+)
 
 VOCAB = 48
 

@@ -14,12 +14,12 @@ import torch
 from ray import serve
 
 from cluster.index_store import list_versions, published_version
-from services.api import Doc
+from services.serving.api import Doc
 
 
 def default_index_root() -> str:
     """Where `rayrag serve` keeps the default index: $RAYRAG_CACHE or ~/.cache/rayrag, /index."""
-    from services.models import cache_root
+    from services.rag.loading import cache_root
 
     return str(cache_root() / "index")
 
@@ -170,7 +170,7 @@ class Generated:
 
 def docs_of(found: Retrieved) -> list[Doc]:
     """Provenance: the retrieved docs with their scores and p(z|x) = softmax(scores)."""
-    from services.rag import doc_log_probs
+    from services.rag.marginal import doc_log_probs
 
     probs = doc_log_probs(torch.tensor([found.scores], dtype=torch.float32)).exp()[0]  # (K,)
     return [Doc(id=i, title=t, text=x, score=s, prob=float(p))
@@ -189,7 +189,7 @@ class RetrieverDeployment:
     def __init__(self, config: RetrieverConfig):
         from cluster.encoders import TextEncoder
         from cluster.shard_group import ShardGroup, ShardGroupConfig
-        from services.rag_model import default_doc_score_scale
+        from services.rag.model import default_doc_score_scale
 
         torch.set_num_threads(config.torch_threads)
         self.config = config
@@ -212,7 +212,7 @@ class RetrieverDeployment:
 
     def _retrieve_batch(self, questions: list[str], ks: list[int]) -> list[Retrieved]:
         """Encode, search, and score the hits as RagModel does (from the stored doc vectors)."""
-        from services.rag_model import scaled_doc_scores
+        from services.rag.model import scaled_doc_scores
 
         start = time.perf_counter()
         queries = self.encoder.encode(questions)  # (B, d)
@@ -280,8 +280,8 @@ class GeneratorDeployment:
     """RAG decoding; `@serve.batch` groups compatible requests into one generate call."""
 
     def __init__(self, config: GeneratorConfig):
-        from services.generator import make_generator
-        from services.models import load_generator
+        from services.rag.generator import make_generator
+        from services.rag.loading import load_generator
 
         torch.set_num_threads(config.torch_threads)
         model, tokenizer = load_generator(config.generator)
@@ -314,7 +314,7 @@ class GeneratorDeployment:
             return [r for request in group for r in self._generate_safely([request])]
 
     def _generate_group(self, group: list[GenerateRequest]) -> list[Generated]:
-        from services.rag_model import generate_answers
+        from services.rag.model import generate_answers
 
         start = time.perf_counter()
         first = group[0]

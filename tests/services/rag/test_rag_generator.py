@@ -6,11 +6,11 @@ import torch
 from transformers import BertConfig, BertModel
 
 from cluster.encoders import TextEncoder
-from services.decoding import BeamConfig, generated_mask, rag_sequence_generate
-from services.generator import CausalGenerator, make_generator
-from services.rag import doc_log_probs, rag_sequence_nll, rag_token_nll
-from services.rag_model import RagModel
-from tests.services.rag_fixtures import chat_tokenizer, tiny_llama
+from services.rag.decoding import BeamConfig, generated_mask, rag_sequence_generate
+from services.rag.generator import CausalGenerator, make_generator
+from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
+from services.rag.model import RagModel
+from tests.services.rag.rag_fixtures import chat_tokenizer, tiny_llama
 
 QUESTIONS = ["who directed the film ?", "what is the capital of france ?"]
 TITLES = [["space odyssey", "stanley kubrick", "paris"], ["paris", "france", "river seine"]]

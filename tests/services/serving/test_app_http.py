@@ -41,11 +41,10 @@ def app(ray_session, tmp_path_factory):
     """Tiny encoder + tiny causal generator, a 2-shard index (v0001 published, v0002 not), served."""
     from ray import serve
 
-    from cluster.encoders import save_tiny_encoder
     from cluster.index_build import build_index
-    from services.app import build_app
-    from services.models import save_tiny_generator
-    from services.serve_file import read_serve_file
+    from services.serving.app import build_app
+    from services.serving.serve_file import read_serve_file
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
     tmp = tmp_path_factory.mktemp("serve")
     encoder = save_tiny_encoder(tmp / "encoder")
@@ -95,7 +94,7 @@ def test_provenance_matches_the_shard_group(app):
     """Docs of /v1/answer and /v1/retrieve are what one driver-side ShardGroup returns."""
     from cluster.encoders import TextEncoder
     from cluster.shard_group import ShardGroup, ShardGroupConfig
-    from services.rag_model import default_doc_score_scale
+    from services.rag.model import default_doc_score_scale
 
     questions = ["Where was the blue falcon2 seen?", "golden falcon5 Perth"]
     encoder = TextEncoder.from_pretrained(app["encoder"])

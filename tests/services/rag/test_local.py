@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import rayrag_cli
-from cluster.encoders import TextEncoder, save_tiny_encoder
+from cluster.encoders import TextEncoder
 from cluster.passages import load_corpus, passage_text
-from services import local
-from services.local import LocalConfig, LocalRag
-from services.models import save_tiny_generator
+from services.rag import local
+from services.rag.local import LocalConfig, LocalRag
+from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
 QUESTIONS = ["where is the tower", "who wrote the book"]
 

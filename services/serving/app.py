@@ -13,7 +13,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from cluster.shard_group import ShardUnavailableError
-from services.api import (
+from services.serving.api import (
     MAX_BODY_BYTES,
     AnswerRequest,
     AnswerResponse,
@@ -28,7 +28,7 @@ from services.api import (
     parse_request,
     sse,
 )
-from services.deployments import (
+from services.serving.deployments import (
     AppConfig,
     GeneratorDeployment,
     GenerateRequest,
@@ -176,7 +176,7 @@ class Ingress:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve application builder: `serve run deploy.yaml` (import_path services.app:build_app)."""
+    """Serve application builder: `serve run deploy.yaml` (import_path services.serving.app:build_app)."""
     config = AppConfig.from_args(args)
     if config.ingress.admin_token is None and os.environ.get(ADMIN_TOKEN_ENV):
         config.ingress.admin_token = os.environ[ADMIN_TOKEN_ENV]

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertModel, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast, RagConfig, RagSequenceForGeneration,
-                          RagTokenForGeneration)
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+)
 
 BART_PAD, BART_EOS, BART_BOS = 1, 2, 0
 CHAT_TEMPLATE = (

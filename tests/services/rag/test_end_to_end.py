@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.passages import load_corpus
-from services.local import LocalConfig, LocalRag
+from services.rag.local import LocalConfig, LocalRag
 
 QUESTION = "Who directed 2001: A Space Odyssey?"
 

@@ -12,9 +12,9 @@ import torch
 
 from cluster.encoders import TextEncoder, load_encoders
 from cluster.passages import Passage, load_corpus, passage_text
-from services.generator import make_generator
-from services.models import cache_root, ensure_cached, load_generator
-from services.rag_model import RagModel
+from services.rag.generator import make_generator
+from services.rag.loading import cache_root, ensure_cached, load_generator
+from services.rag.model import RagModel
 
 MODES = ("sequence", "token")
 DECODINGS = ("thorough", "fast")

@@ -4,9 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.generator import Contexts, Seq2SeqGenerator
-from services.rag import doc_log_probs, rag_sequence_nll, rag_token_nll
-from tests.services.rag_fixtures import BART_BOS, BART_PAD, hf_rag, random_contexts, random_labels, tiny_bart
+from services.rag.generator import Contexts, Seq2SeqGenerator
+from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
+from tests.services.rag.rag_fixtures import (
+    BART_BOS,
+    BART_PAD,
+    hf_rag,
+    random_contexts,
+    random_labels,
+    tiny_bart,
+)
 
 B, K, VOCAB = 3, 4, 48
 

@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from services.models import COMPLETE, cached_gguf, ensure_cached, load_generator, save_tiny_generator
+from services.rag.loading import COMPLETE, cached_gguf, ensure_cached, load_generator
+from tests.tiny_models import save_tiny_generator
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def write_tiny_gguf(path: Path, hidden: int = 16, layers: int = 1, ffn: int = 32, seed: int = 0) -> Path:
@@ -108,7 +109,7 @@ CONCURRENT_BUILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from services.models import ensure_cached
+    from services.rag.loading import ensure_cached
 
     target, log = Path(sys.argv[1]), Path(sys.argv[2])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.api import (
+from services.serving.api import (
     MAX_BODY_BYTES,
     AnswerRequest,
     AnswerResponse,
@@ -20,8 +20,8 @@ from services.api import (
     parse_request,
     sse,
 )
-from services.deployments import AppConfig
-from services.serve_file import read_serve_file
+from services.serving.deployments import AppConfig
+from services.serving.serve_file import read_serve_file
 
 
 def _error(raw: bytes, schema=AnswerRequest) -> ApiError:
@@ -99,7 +99,7 @@ def test_deploy_yaml_is_a_valid_serve_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    path = Path(__file__).parents[2] / "deploy.yaml"
+    path = Path(__file__).parents[3] / "deploy.yaml"
     with open(path) as file:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(file))
     assert schema.http_options.host == "127.0.0.1"
@@ -108,7 +108,7 @@ def test_deploy_yaml_is_a_valid_serve_config():
 
 
 def test_app_config_from_deploy_yaml_and_bad_args():
-    config = AppConfig.from_args(read_serve_file(str(Path(__file__).parents[2] / "deploy.yaml")).app_args)
+    config = AppConfig.from_args(read_serve_file(str(Path(__file__).parents[3] / "deploy.yaml")).app_args)
     assert config.generator.deployment_options()["autoscaling_config"]["max_replicas"] >= 1
     assert config.retriever.query_encoder == "default" and config.generator.generator == "default"
     with pytest.raises(ValueError, match="unknown app args"):
@@ -121,7 +121,7 @@ def test_serve_command_line_pins_an_index_version(tmp_path):
     """`rayrag serve --index-root R --index-version V` serves V without following R's pointer,
     and refuses, naming V, when V is not in R."""
     from rayrag_cli import build_parser
-    from services.cli import _ensure_index, serve_app_args
+    from services.serving.cli import _ensure_index, serve_app_args
 
     args = build_parser().parse_args(["serve", "--index-root", str(tmp_path), "--index-version",
                                       "v0003", "--generator", "trained/generator"])

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
-from services.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
-from services.generator import Generator
-from services.rag import rag_sequence_nll, rag_token_nll
+from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
+from services.rag.generator import Generator
+from services.rag.marginal import rag_sequence_nll, rag_token_nll
 
 Variant = Literal["sequence", "token"]
 Decoding = Literal["thorough", "fast"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 
 from cluster.runtime import init_ray
-from services.serve_file import ServeFile, read_serve_file
+from services.serving.serve_file import ServeFile, read_serve_file
 
 
 def run_ask(args: argparse.Namespace) -> int:
     """`ask --local`: answer one question in this process and print the answer with its sources."""
-    from services.local import LocalConfig, LocalRag
+    from services.rag.local import LocalConfig, LocalRag
 
     config = LocalConfig(
         corpus=args.corpus, limit=args.limit, encoder=args.encoder, doc_encoder=args.doc_encoder,
@@ -79,7 +79,7 @@ def _ensure_index(index: dict) -> None:
     from cluster.index_build import build_index
     from cluster.index_store import list_versions, published_version
     from cluster.passages import load_corpus
-    from services.deployments import default_index_root
+    from services.serving.deployments import default_index_root
 
     root = Path(index.get("root") or default_index_root()).expanduser()
     if index.get("version"):
@@ -101,7 +101,7 @@ def _ensure_index(index: dict) -> None:
 
 def _warm_models(models: dict) -> None:
     """Convert the default generator once here (≈40 s) so replicas load it in under a second."""
-    from services.models import cached_gguf, default_gguf_path
+    from services.rag.loading import cached_gguf, default_gguf_path
 
     if models.get("generator", "default") == "default":
         print("models: preparing the default generator (converted once, then cached)", flush=True)
@@ -119,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from services.app import build_app
+    from services.serving.app import build_app
 
     config = read_serve_file(args.config)
     http, app, app_args = config.http_options, config.app, serve_app_args(config, args)

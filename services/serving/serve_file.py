@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IMPORT_PATH = "services.app:build_app"
+IMPORT_PATH = "services.serving.app:build_app"
 
 
 @dataclass

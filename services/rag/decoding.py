@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.generator import Contexts, Generator
-from services.rag import doc_log_probs, rag_sequence_nll
+from services.rag.generator import Contexts, Generator
+from services.rag.marginal import doc_log_probs, rag_sequence_nll
 
 NEG = -1.0e9  # transformers' "impossible" score
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
