@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast lint clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -21,8 +21,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/rayrag serve
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
+
+# The development loop: everything but the tests marked slow (real models, Ray Train runs, Serve).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV)

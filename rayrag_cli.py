@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from cluster import cli as cluster_cli
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")  # progress on stderr; results on stdout
+    for package in ("cluster", "services", "training"):
+        logging.getLogger(package).setLevel(logging.INFO)
     try:
         return int(args.run(args) or 0)
     except ValueError as error:

@@ -100,7 +100,7 @@ def bench_flat(vectors: np.ndarray, queries: np.ndarray, args: argparse.Namespac
         best = max(runs, key=lambda t: runs[t]["qps"])
         out[batch] = {"qps": runs[best]["qps"], "ids": runs[best]["ids"], "threads": best,
                       "qps_by_threads": {t: r["qps"] for t, r in runs.items()}}
-    del index
+    index.reset()  # free the vectors before the sharded runs
     return out
 
 

@@ -13,17 +13,24 @@ def run_build(args: argparse.Namespace) -> int:
 
     passages = load_corpus(args.corpus, limit=args.limit)
     init_ray(args.ray_address)
-    version = build_index(passages, args.out, encoder=args.encoder, shards=args.shards,
+    version = build_index(passages, args.index_root, encoder=args.encoder, shards=args.shards,
                           index_type=args.index_type, batch_size=args.batch_size,
                           num_encoders=args.encoders, publish=not args.no_publish)
-    print(f"built {version} under {args.out}: {len(passages)} passages, {args.shards} shards, "
+    print(f"built {version} under {args.index_root}: {len(passages)} passages, {args.shards} shards, "
           f"index type {args.index_type!r}{'' if args.no_publish else ' (published)'}")
-    print(f"serve it with --index {args.out} --replicas {args.replicas}")
+    pin = f" --index-version {version}" if args.no_publish else ""
+    print(f"serve it with: rayrag serve --index-root {args.index_root}{pin} "
+          f"(replicas per shard: index.shard_replicas in deploy.yaml)")
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from cluster.index_store import check_index_root, list_versions, load_manifest, published_version
+    from cluster.index_store import (
+        check_index_root,
+        list_versions,
+        load_manifest,
+        published_version,
+    )
 
     check_index_root(args.index_root)
     published = published_version(args.index_root)
@@ -51,15 +58,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     build.add_argument("--corpus", default="default", help="default | squad-open | PATH.jsonl | PATH.json")
     build.add_argument("--shards", type=_positive, default=1)
     build.add_argument("--index-type", default="Flat", help='FAISS factory string: "Flat", "HNSW32", "IVF4096,PQ64"')
-    build.add_argument("--out", required=True, help="INDEX_ROOT (versions go in INDEX_ROOT/v000N)")
+    build.add_argument("--index-root", required=True, help="INDEX_ROOT (versions go in INDEX_ROOT/v000N)")
     build.add_argument("--encoder", default="default", help="document encoder name or path")
     build.add_argument("--encoders", type=_positive, default=1, help="encoder actors on Ray")
     build.add_argument("--batch-size", type=_positive, default=64)
     build.add_argument("--limit", type=_positive, default=None, help="keep the first N passages")
-    build.add_argument("--replicas", type=_positive, default=1, help="replicas per shard to suggest for serving")
     build.add_argument("--no-publish", action="store_true", help="write the version without publishing it")
     build.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")
     build.set_defaults(run=run_build)
     listing = actions.add_parser("list", help="list an index root's versions and the published one")
-    listing.add_argument("index_root")
+    listing.add_argument("--index-root", required=True, help="INDEX_ROOT to list")
     listing.set_defaults(run=run_list)

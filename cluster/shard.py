@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from pydantic import ConfigDict, Field
 
+from cluster.config import Config
 from cluster.index_store import load_manifest, verify_shard_files, version_dir
 
 MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY  # flat codes map the file
@@ -49,25 +51,17 @@ class PassageTable:
         np.save(offsets_path, offsets)
 
 
-@dataclass(frozen=True)
-class ShardConfig:
+class ShardConfig(Config):
     """What one shard actor loads and how it searches."""
 
+    model_config = ConfigDict(frozen=True)
     index_root: str
     version: str
-    shard: int
-    faiss_threads: int = 1
-    search_params: Mapping[str, float] = field(default_factory=dict)  # e.g. {"efSearch": 128}
+    shard: int = Field(ge=0)
+    faiss_threads: int = Field(1, ge=1)
+    search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 128}
     verify_checksums: bool = True
-    blas_threshold: int | None = None  # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
-
-    def __post_init__(self) -> None:
-        if self.blas_threshold is not None and self.blas_threshold < 1:
-            raise ValueError(f"blas_threshold must be ≥ 1 or None, got {self.blas_threshold}")
-        if self.faiss_threads < 1:
-            raise ValueError(f"faiss_threads must be ≥ 1, got {self.faiss_threads}")
-        if self.shard < 0:
-            raise ValueError(f"shard must be ≥ 0, got {self.shard}")
+    blas_threshold: int | None = Field(None, ge=1)  # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
 
 
 @dataclass

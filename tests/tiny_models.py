@@ -54,10 +54,12 @@ def save_tiny_generator(
     dim: int = 32,
     layers: int = 2,
     seed: int = 0,
+    encoder_layers: int | None = None,
     chat_template: str | None = None,
 ) -> str:
     """Write a seeded random tiny Llama ("causal") or BART ("seq2seq") with a WordPiece
-    tokenizer to `path`, loadable offline by `load_generator(path)` (for tests)."""
+    tokenizer to `path`, loadable offline by `load_generator(path)`. `encoder_layers` (BART only)
+    defaults to `layers`; 0 leaves each encoder output its own token's (embedding + position)."""
     if kind not in ("causal", "seq2seq"):
         raise ValueError(f"kind must be 'causal' or 'seq2seq', got {kind!r}")
     tokenizer = tiny_tokenizer(kind)
@@ -75,8 +77,9 @@ def save_tiny_generator(
         model_cls = transformers.LlamaForCausalLM
     else:
         config = transformers.BartConfig(
-            d_model=dim, encoder_layers=layers, decoder_layers=layers, encoder_ffn_dim=2 * dim,
-            decoder_ffn_dim=2 * dim, encoder_attention_heads=2, decoder_attention_heads=2,
+            d_model=dim, encoder_layers=layers if encoder_layers is None else encoder_layers,
+            decoder_layers=layers, encoder_ffn_dim=2 * dim, decoder_ffn_dim=2 * dim,
+            encoder_attention_heads=2, decoder_attention_heads=2,
             max_position_embeddings=512, decoder_start_token_id=ids["eos_token_id"],
             forced_bos_token_id=None, **ids,
         )

@@ -29,10 +29,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: str, out: Path) -> str:
-    """The index root to search: --index, or a fresh one built from --corpus under out/ with the
-    document encoder (the checkpoint's trained weights when it has them)."""
-    if args.index:
-        return args.index
+    """The index root to search: --index-root, or a fresh one built from --corpus under out/ with
+    the document encoder (the checkpoint's trained weights when it has them)."""
+    if args.index_root:
+        return args.index_root
     from cluster.index_build import build_index
     from cluster.passages import load_corpus
 
@@ -47,15 +47,21 @@ def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: s
 
 def run_eval(args: argparse.Namespace) -> int:
     from cluster.index_store import load_manifest, resolve_version
-    from training.data import load_qa
     from cluster.shard_group import ShardGroup, ShardGroupConfig
     from training.config import ModelsConfig
-    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, write_plots
+    from training.data import load_qa
+    from training.evaluate import (
+        SETTINGS,
+        EvalConfig,
+        evaluate,
+        summary_line,
+        write_plots,
+    )
     from training.modules import build_train_module, load_trained
 
-    cfg = EvalConfig(n_docs=tuple(sorted(set(args.n_docs))), settings=tuple(args.settings or SETTINGS),
-                     batch_size=args.batch_size, num_beams=args.num_beams,
-                     max_new_tokens=args.max_new_tokens, decoding=args.decoding)
+    cfg = EvalConfig.parse({"n_docs": sorted(set(args.n_docs)), "settings": args.settings or SETTINGS,
+                            "batch_size": args.batch_size, "num_beams": args.num_beams,
+                            "max_new_tokens": args.max_new_tokens, "decoding": args.decoding})
     examples = load_qa(args.qa)[: args.limit]
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +69,8 @@ def run_eval(args: argparse.Namespace) -> int:
         module, state = load_trained(args.checkpoint)
         doc_encoder = state.models["doc_encoder"]
     else:
-        models = ModelsConfig(args.query_encoder, args.doc_encoder, args.generator)
+        models = ModelsConfig(query_encoder=args.query_encoder, doc_encoder=args.doc_encoder,
+                              generator=args.generator)
         module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
     init_ray()
     root = _eval_index(args, module, doc_encoder, out)
@@ -97,7 +104,7 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("eval", help="EM / F1 / recall@k: closed-book, RAG-Token, RAG-Sequence")
     parser.add_argument("--qa", required=True, help="SQuAD-format .json, JSONL {question, answers}, or squad-dev")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--index", help="INDEX_ROOT to search (its published version)")
+    where.add_argument("--index-root", help="INDEX_ROOT to search (its published version)")
     where.add_argument("--corpus", help="corpus spec to index first: default | squad-open | PATH")
     parser.add_argument("--corpus-limit", type=int, default=None)
     parser.add_argument("--checkpoint", help="a training checkpoint folder (else the models named below)")
@@ -111,7 +118,8 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--decoding", choices=("thorough", "fast"), default="thorough")
+    parser.add_argument("--decoding", choices=("thorough", "fast"), default="fast",
+                        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)")
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
     parser.add_argument("--out", help="folder for report.json and the PNG plots")
     parser.set_defaults(run=run_eval)

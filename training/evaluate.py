@@ -3,64 +3,45 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+from pydantic import ConfigDict, Field, PositiveInt
 
+from cluster.config import Config
 from cluster.passages import Passage, passage_text
 from training.data import QAExample
-from services.rag.model import RagModel
+from services.rag import retrieval
+from services.rag.model import Decoding, RagModel
+from services.rag.retrieval import Retrieved
 from training.metrics import recall_at_k, score_predictions
 
-SETTINGS = ("closed_book", "rag_token", "rag_sequence")
+Setting = Literal["closed_book", "rag_token", "rag_sequence"]
+SETTINGS: tuple[Setting, ...] = get_args(Setting)
 RECALL_K = 5
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    n_docs: tuple[int, ...] = (1, 2, 5)     # documents given to the generator; one row per value
-    settings: tuple[str, ...] = SETTINGS
-    batch_size: int = 8
-    num_beams: int = 4
-    max_new_tokens: int = 16
-    decoding: str = "thorough"              # RAG-Sequence decoding: thorough | fast
+class EvalConfig(Config):
+    """What `rayrag eval` measures: the settings, the n_docs of each row, and how to decode."""
 
-    def __post_init__(self) -> None:
-        if not self.n_docs or min(self.n_docs) < 1:
-            raise ValueError(f"n_docs must be positive integers, got {self.n_docs}")
-        unknown = [s for s in self.settings if s not in SETTINGS]
-        if unknown or not self.settings:
-            raise ValueError(f"unknown eval setting {unknown or self.settings}: expected some of {SETTINGS}")
-        for key in ("batch_size", "num_beams", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.decoding not in ("thorough", "fast"):
-            raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
+    model_config = ConfigDict(frozen=True)
+    n_docs: tuple[PositiveInt, ...] = Field((1, 2, 5), min_length=1)  # docs to the generator; a row each
+    settings: tuple[Setting, ...] = Field(SETTINGS, min_length=1)
+    batch_size: int = Field(8, ge=1)
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    decoding: Decoding = "fast"              # RAG-Sequence decoding
 
 
-@dataclass
-class Retrieved:
-    titles: list[list[str]]
-    texts: list[list[str]]
-    doc_scores: torch.Tensor                 # (N, K) from the query encoder and the documents' vectors
-    versions: set[str] = field(default_factory=set)
-
-
-@torch.no_grad()
 def retrieve(rag: RagModel, shard_group: Any, questions: Sequence[str], k: int, batch_size: int) -> Retrieved:
-    """Top-k passages and doc scores per question; `shard_group` is a ShardGroup (or anything with its search)."""
-    titles, texts, scores, versions = [], [], [], set()
-    for start in range(0, len(questions), batch_size):
-        chunk = list(questions[start:start + batch_size])
-        query = rag.query_encoder.encode(chunk)  # (b, d)
-        found = shard_group.search(query, k, return_vectors=True)
-        scores.append(rag.doc_scores(torch.as_tensor(query), torch.as_tensor(found.vectors)))  # (b, k)
-        titles += found.titles
-        texts += found.texts
-        versions.add(found.version)
-    return Retrieved(titles, texts, torch.cat(scores), versions)
+    """Top-k passages and doc scores per question, `batch_size` questions per search, all from one index
+    version; `shard_group` is a ShardGroup (or anything with its search)."""
+    search = partial(shard_group.search, return_vectors=True)
+    return Retrieved.concat([
+        retrieval.retrieve(rag.query_encoder, search, questions[start:start + batch_size], k, rag.doc_score_scale)
+        for start in range(0, len(questions), batch_size)])
 
 
 @torch.no_grad()
@@ -96,8 +77,8 @@ def evaluate(rag: RagModel, shard_group: Any, examples: Sequence[QAExample], cfg
     passages = [[passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
                 for ts, xs in zip(retrieved.titles, retrieved.texts)]
     recall = {k: recall_at_k(passages, answers, k) for k in sorted(set(cfg.n_docs) | {RECALL_K})}
-    report: dict = {"questions": len(examples), "index_versions": sorted(retrieved.versions),
-                    "recall": {str(k): v for k, v in recall.items()}, "config": asdict(cfg), "settings": {}}
+    report: dict = {"questions": len(examples), "index_versions": [retrieved.version],
+                    "recall": {str(k): v for k, v in recall.items()}, "config": cfg.model_dump(), "settings": {}}
     for setting in cfg.settings:
         rows = {}
         for n_docs in ((1,) if setting == "closed_book" else cfg.n_docs):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,11 +16,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from training.data import QAExample, load_qa
-from cluster.shard_group import SearchResult
+from services.rag.retrieval import Search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
+from training.data import QAExample, load_qa
 from training.config import RefreshSchedule, TrainConfig
 from training.modules import RagTrainModule, build_train_module
+
+logger = logging.getLogger(__name__)
 
 
 def global_batch(num_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -40,6 +42,12 @@ def local_slice(indices: Sequence[int], rank: int, world_size: int) -> list[int]
     return list(indices[bounds[rank]:bounds[rank + 1]])
 
 
+def share_weight(share: int, world: int, batch_size: int) -> float:
+    """The factor on a worker's mean loss that makes DDP's average of the workers' gradients the
+    gradient of the global-batch mean, also when the shares differ in size: share / (batch / world)."""
+    return share * world / batch_size
+
+
 def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -47,9 +55,6 @@ def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> t
 
 def unwrap(module: torch.nn.Module) -> RagTrainModule:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
-
-
-Search = Callable[[np.ndarray, int], SearchResult]   # (queries (B, d), k) → top-k with vectors
 
 
 def actor_search(shard_group: Any) -> Search:
@@ -61,13 +66,14 @@ def forward_backward(module: torch.nn.Module, search: Search, examples: Sequence
                      n_docs: int, weight: float) -> tuple[torch.Tensor, str]:
     """Retrieve, compute `weight` × local mean loss, backward. Returns (detached loss, version).
 
+    The module recomputes the doc scores with gradient from the retrieved document vectors.
     `weight` = local batch / (global batch / world size) makes DDP's gradient average equal
     the gradient of the global-batch mean even when the local shares differ in size.
     """
     questions = [e.question for e in examples]
     answers = [e.answers[0] for e in examples]
-    query = unwrap(module).rag.query_encoder.encode(questions)  # (B, d) no grad: only for the search
-    found = search(query, n_docs)
+    rag = unwrap(module).rag
+    found = retrieve(rag.query_encoder, search, questions, n_docs, rag.doc_score_scale, keep_vectors=True)
     loss = module(questions, answers, found.titles, found.texts, found.vectors) * weight
     loss.backward()
     return loss.detach(), found.version
@@ -118,7 +124,7 @@ def _save_and_report(module: RagTrainModule, optimizer: torch.optim.Optimizer, c
         ray.train.report(metrics)
         return
     state = TrainState(step=metrics["step"], index_version=metrics["index_version"],
-                       models=asdict(cfg.models), doc_encoder_trained=cfg.train_doc_encoder)
+                       models=cfg.models.model_dump(), doc_encoder_trained=cfg.train_doc_encoder)
     with tempfile.TemporaryDirectory(prefix="rayrag-ckpt-") as directory:
         save_checkpoint(directory, module.modules_to_save(), optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -133,10 +139,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: config (TrainConfig), shard_group and refresher (actor
     handles), history (path of the JSONL loss log rank 0 appends to)."""
     cfg: TrainConfig = loop_config["config"]
+    logging.basicConfig(format="%(message)s", level=logging.INFO, force=True)  # a worker's own process
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.schedule.seed + rank)
-    module = build_train_module(cfg.models, cfg.variant, cfg.train_doc_encoder).train()
+    module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).train()
     state, checkpoint_path = _restore(module, loop_config["refresher"], rank)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = make_optimizer(model, cfg.optimizer.lr, cfg.optimizer.weight_decay)
@@ -163,7 +170,7 @@ def _run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
     for step in range(start, sched.steps):
         ticked = time.monotonic()
         share = local_slice(global_batch(len(examples), step, sched.batch_size, sched.seed), rank, world)
-        weight = len(share) * world / sched.batch_size
+        weight = share_weight(len(share), world, sched.batch_size)
         loss, version = train_step(model, optimizer, search, [examples[i] for i in share], cfg, weight)
         done, seconds = step + 1, time.monotonic() - ticked
         metrics = {"step": done, "loss": mean_over_workers(loss), "index_version": version,
@@ -172,9 +179,9 @@ def _run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
             refresher.request.remote(done, _snapshot(unwrap(model).doc_encoder))
         _history(history, rank, metrics | {"time": time.time()})
         if rank == 0 and (done % log_every == 0 or done == sched.steps):
-            print(f"[train {cfg.name}] step {done}/{sched.steps} loss {metrics['loss']:.4f} "
-                  f"index {version} workers {world} {seconds:.2f}s/step "
-                  f"elapsed {time.monotonic() - began:.0f}s", flush=True)
+            logger.info(f"[train {cfg.name}] step {done}/{sched.steps} loss {metrics['loss']:.4f} "
+                        f"index {version} workers {world} {seconds:.2f}s/step "
+                        f"elapsed {time.monotonic() - began:.0f}s")
         if done % sched.checkpoint_every == 0 or done == sched.steps:
             # reports are collective and wait on the controller: only at checkpoints, the
             # per-step metrics go to the history file and the progress line

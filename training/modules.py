@@ -10,7 +10,7 @@ from cluster.encoders import TextEncoder
 from cluster.passages import Passage, passage_text
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
-from services.rag.model import RagModel
+from services.rag.model import Mode, RagModel
 from training.checkpoint import TrainState, load_checkpoint, read_state
 from training.config import ModelsConfig
 
@@ -22,9 +22,9 @@ class RagTrainModule(torch.nn.Module):
     index vectors are stale by design); without one the index's document vectors are used.
     """
 
-    def __init__(self, rag: RagModel, doc_encoder: TextEncoder | None, variant: str) -> None:
+    def __init__(self, rag: RagModel, doc_encoder: TextEncoder | None, mode: Mode) -> None:
         super().__init__()
-        self.rag, self.doc_encoder, self.variant = rag, doc_encoder, variant
+        self.rag, self.doc_encoder, self.mode = rag, doc_encoder, mode
 
     def modules_to_save(self) -> dict[str, torch.nn.Module]:
         parts: dict[str, torch.nn.Module] = {"rag": self.rag}
@@ -41,16 +41,16 @@ class RagTrainModule(torch.nn.Module):
             batch = {k: v.to(device) for k, v in self.doc_encoder.tokenize(flat).items()}
             encoded = self.doc_encoder(**batch)  # (B*K, d)
             vectors = encoded.view(len(questions), len(titles[0]), -1)  # (B, K, d)
-        return self.rag.loss(questions, answers, titles, texts, vectors, variant=self.variant)
+        return self.rag.loss(questions, answers, titles, texts, vectors, mode=self.mode)
 
 
-def build_train_module(models: ModelsConfig, variant: str, train_doc_encoder: bool) -> RagTrainModule:
+def build_train_module(models: ModelsConfig, mode: Mode, train_doc_encoder: bool) -> RagTrainModule:
     """Load the query encoder, generator (and document encoder when trained) named in the config."""
     query_encoder = TextEncoder.from_pretrained(models.query_encoder)
     model, tokenizer = load_generator(models.generator)
     rag = RagModel(query_encoder, make_generator(model, tokenizer))
     doc_encoder = TextEncoder.from_pretrained(models.doc_encoder) if train_doc_encoder else None
-    return RagTrainModule(rag, doc_encoder, variant)
+    return RagTrainModule(rag, doc_encoder, mode)
 
 
 def load_trained(checkpoint_dir: str | Path) -> tuple[RagTrainModule, TrainState]:

@@ -1,7 +1,7 @@
 """Launching a training run: index v1 if needed, shard group + refresher actors, TorchTrainer, fit."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,10 @@ from ray.train.torch import TorchTrainer
 from cluster.index_build import build_index
 from cluster.index_store import load_manifest, published_version
 from cluster.passages import load_corpus
-from training.data import load_qa
 from cluster.shard_group import ShardGroup, ShardGroupConfig
 from training.checkpoint import STATE, read_state
 from training.config import TrainConfig
+from training.data import load_qa
 from training.loop import train_loop_per_worker
 from training.refresh import IndexRefresher, RefreshConfig
 
@@ -53,7 +53,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     if not states:
         return
     state = read_state(states[-1].parent)
-    wanted = {**asdict(cfg.models), "doc_encoder_trained": cfg.train_doc_encoder}
+    wanted = {**cfg.models.model_dump(), "doc_encoder_trained": cfg.train_doc_encoder}
     found = {**state.models, "doc_encoder_trained": state.doc_encoder_trained}
     for key, value in wanted.items():
         if found.get(key) != value:
@@ -64,7 +64,7 @@ def check_resumable(cfg: TrainConfig) -> None:
 def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
     """The shard group actor (workers search it) and the refresher actor that swaps it."""
     group = ray.remote(ShardGroup).options(max_concurrency=SHARD_GROUP_CONCURRENCY, num_cpus=0)
-    shard_config = ShardGroupConfig(index_root=cfg.index.root, num_cpus_per_replica=cfg.index.shard_cpus)
+    shard_config = ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus)
     shard_group = group.remote(shard_config, version)
     refresh = RefreshConfig(index_root=cfg.index.root, corpus=cfg.index.corpus, doc_encoder=cfg.models.doc_encoder,
                             corpus_limit=cfg.index.corpus_limit, shards=cfg.index.shards,

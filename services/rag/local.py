@@ -2,50 +2,44 @@
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
+from pydantic import ConfigDict, Field
 
+from cluster.config import Config
 from cluster.encoders import TextEncoder, load_encoders
+from cluster.merge import SearchResult
 from cluster.passages import Passage, load_corpus, passage_text
 from services.rag.generator import make_generator
 from services.rag.loading import cache_root, ensure_cached, load_generator
-from services.rag.model import RagModel
+from services.rag.model import Decoding, Mode, RagModel
+from services.rag.retrieval import Retrieved, retrieve
 
-MODES = ("sequence", "token")
-DECODINGS = ("thorough", "fast")
 ENCODE_CHUNK = 1024  # passages per progress line
+LOCAL_VERSION = "local"  # the version a local, in-memory index reports
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LocalConfig:
+class LocalConfig(Config):
     """What `rayrag ask --local` loads and how it answers."""
 
+    model_config = ConfigDict(frozen=True)
     corpus: str = "default"
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1)  # None: every passage
     encoder: str = "default"
     doc_encoder: str | None = None  # None: the same model as the query encoder
     generator: str = "default"
-    n_docs: int = 5
-    mode: str = "sequence"
-    decoding: str = "fast"  # RAG-Sequence; "thorough" rescores every hypothesis under all K
-    num_beams: int = 4
-    max_new_tokens: int = 32
+    n_docs: int = Field(5, ge=1)
+    mode: Mode = "sequence"
+    decoding: Decoding = "fast"  # RAG-Sequence; "thorough" rescores every hypothesis under all K
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
     cache_dir: str | None = None  # None: $RAYRAG_CACHE or ~/.cache/rayrag
-
-    def __post_init__(self) -> None:
-        if self.n_docs < 1:
-            raise ValueError(f"n_docs must be ≥ 1, got {self.n_docs}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be ≥ 1 or None, got {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -65,15 +59,11 @@ class Answer:
     sources: list[Source]
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _encode_with_progress(encoder: TextEncoder, texts: list[str]) -> np.ndarray:
     parts = []
     for start in range(0, len(texts), ENCODE_CHUNK):
         parts.append(encoder.encode(texts[start : start + ENCODE_CHUNK]))
-        _log(f"encoded {min(start + ENCODE_CHUNK, len(texts))}/{len(texts)} passages")
+        logger.info(f"encoded {min(start + ENCODE_CHUNK, len(texts))}/{len(texts)} passages")
     return np.concatenate(parts)  # (N, d)
 
 
@@ -88,7 +78,7 @@ def document_vectors(
     target = cache_root(cache_dir) / "vectors" / digest.hexdigest()[:24]
 
     def build(out: Path) -> None:
-        _log(f"encoding {len(texts)} passages with {encoder.name!r} (cached afterwards in {target})")
+        logger.info(f"encoding {len(texts)} passages with {encoder.name!r} (cached afterwards in {target})")
         np.save(out / "vectors.npy", _encode_with_progress(encoder, texts))
 
     vectors = np.load(ensure_cached(target, build) / "vectors.npy")
@@ -114,31 +104,35 @@ class LocalRag:
     def from_config(cls, config: LocalConfig) -> "LocalRag":
         return cls(load_corpus(config.corpus, config.limit), config)
 
-    def retrieve(self, questions: list[str]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Query vectors (B, d), inner products (B, K) best first, and rows into `passages` (B, K)."""
-        with torch.no_grad():
-            queries = self.rag.encode_queries(questions)  # (B, d)
-        scores, rows = self.index.search(queries.numpy().astype(np.float32), self.config.n_docs)
-        return queries, scores, rows
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """The flat index's top-k for each query row (B, d), with the passages and their vectors."""
+        scores, rows = self.index.search(queries, k)  # (B, k) each
+        found = [[self.passages[r] for r in row] for row in rows]
+        return SearchResult(scores=scores, ids=np.array([[p.id for p in docs] for docs in found], np.int64),
+                            titles=[[p.title for p in docs] for docs in found],
+                            texts=[[p.text for p in docs] for docs in found],
+                            vectors=self.vectors[rows], version=LOCAL_VERSION, coverage=1.0)  # (B, k, d)
+
+    def retrieve(self, questions: list[str]) -> Retrieved:
+        """The top-K passages of each question with their doc scores."""
+        return retrieve(self.rag.query_encoder, self.search, questions, self.config.n_docs, self.rag.doc_score_scale)
 
     def ask(self, questions: list[str]) -> list[Answer]:
         """Answer each question from its top-K passages, with those passages as sources."""
-        queries, scores, rows = self.retrieve(questions)
-        doc_vectors = torch.from_numpy(self.vectors[rows])  # (B, K, d)
-        doc_scores = self.rag.doc_scores(queries, doc_vectors)  # (B, K)
-        found = [[self.passages[r] for r in row] for row in rows]
+        found = self.retrieve(questions)
         cfg = self.config
-        texts = self.rag.generate(
+        answers = self.rag.generate(
             questions,
-            titles=[[p.title for p in docs] for docs in found],
-            texts=[[p.text for p in docs] for docs in found],
-            doc_scores=doc_scores,
+            titles=found.titles,
+            texts=found.texts,
+            doc_scores=found.doc_scores,
             mode=cfg.mode,
             decoding=cfg.decoding,
             num_beams=cfg.num_beams,
             max_new_tokens=cfg.max_new_tokens,
         )
+        sources = zip(found.ids, found.titles, found.texts, found.scores)  # per question: (K,) each
         return [
-            Answer(q, text.strip(), [Source(p.id, p.title, p.text, float(s)) for p, s in zip(docs, row)])
-            for q, text, docs, row in zip(questions, texts, found, scores)
+            Answer(question, answer.strip(), [Source(int(i), t, x, float(s)) for i, t, x, s in zip(*hits)])
+            for question, answer, hits in zip(questions, answers, sources)
         ]

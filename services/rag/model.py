@@ -11,7 +11,7 @@ from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_g
 from services.rag.generator import Generator
 from services.rag.marginal import rag_sequence_nll, rag_token_nll
 
-Variant = Literal["sequence", "token"]
+Mode = Literal["sequence", "token"]   # RAG-Sequence or RAG-Token
 Decoding = Literal["thorough", "fast"]
 DEFAULT_NORMALISED_SCALE = 20.0
 
@@ -29,7 +29,7 @@ def scaled_doc_scores(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, sc
 @torch.no_grad()
 def generate_answers(generator: Generator, questions: list[str], titles: list[list[str]],
                      texts: list[list[str]], doc_scores: np.ndarray | torch.Tensor,
-                     mode: Variant = "sequence", decoding: Decoding = "thorough",
+                     mode: Mode = "sequence", decoding: Decoding = "fast",
                      num_beams: int = 4, max_new_tokens: int = 32) -> list[str]:
     """Answer each question from its K passages and their doc scores (B, K); one string each."""
     if mode not in ("sequence", "token"):
@@ -77,11 +77,11 @@ class RagModel(torch.nn.Module):
         return self.query_encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, d)
 
     def loss(self, questions: list[str], answers: list[str], titles: list[list[str]], texts: list[list[str]],
-             doc_vectors: np.ndarray | torch.Tensor, variant: Variant = "sequence", *, epsilon: float = 0.0,
+             doc_vectors: np.ndarray | torch.Tensor, mode: Mode = "sequence", *, epsilon: float = 0.0,
              exclude_bos_score: bool = False) -> torch.Tensor:
         """Mean negative marginal log-likelihood of the answers (scalar)."""
-        if variant not in ("sequence", "token"):
-            raise ValueError(f"variant must be 'sequence' or 'token', got {variant!r}")
+        if mode not in ("sequence", "token"):
+            raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
         query = self.encode_queries(questions)  # (B, d)
         docs = torch.as_tensor(doc_vectors, dtype=query.dtype, device=query.device)  # (B, K, d)
         scores = self.doc_scores(query, docs)  # (B, K)
@@ -89,14 +89,14 @@ class RagModel(torch.nn.Module):
         ctx = gen.contexts(questions, titles, texts)
         target, mask = gen.answer_targets(answers)  # (B, T), (B, T)
         log_probs = gen.log_probs(ctx, target, mask)  # (B, K, T, V)
-        nll_fn = rag_sequence_nll if variant == "sequence" else rag_token_nll
+        nll_fn = rag_sequence_nll if mode == "sequence" else rag_token_nll
         nll = nll_fn(log_probs, scores.float(), target, pad_id=gen.pad_id, target_mask=mask, epsilon=epsilon,
                      exclude_bos_score=exclude_bos_score, bos_id=gen.bos_id)  # (B,)
         return nll.mean()
 
     def generate(self, questions: list[str], titles: list[list[str]], texts: list[list[str]],
-                 doc_scores: np.ndarray | torch.Tensor, mode: Variant = "sequence",
-                 decoding: Decoding = "thorough", num_beams: int = 4,
+                 doc_scores: np.ndarray | torch.Tensor, mode: Mode = "sequence",
+                 decoding: Decoding = "fast", num_beams: int = 4,
                  max_new_tokens: int = 32) -> list[str]:
         """Answer each question from its K passages; returns one string per question."""
         return generate_answers(self.generator, questions, titles, texts, doc_scores, mode=mode,

@@ -1,4 +1,4 @@
-"""The HTTP API of the Serve app: request/response schemas, their limits, body parsing, citations."""
+"""The HTTP API of the Serve app: request/response schemas, their limits, error bodies, citations."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,20 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Documented limits (also shown in the OpenAPI schema at /docs).
 MAX_BODY_BYTES = 64 * 1024
@@ -18,20 +31,34 @@ MAX_BATCH_QUESTIONS = 32
 MAX_MESSAGES = 64
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="what is wrong, naming the field or the limit")
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = Field(None, description="the field at fault, as a dotted path")
+    code: int = Field(..., description="the HTTP status")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error body, so OpenAI clients show the message."""
+
+    error: ErrorDetail
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
 class ApiError(Exception):
-    """A client error: HTTP status plus a message naming the problem."""
+    """An error the app answers with: HTTP status plus a message naming the problem."""
 
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-
-    def body(self) -> dict[str, Any]:
-        """OpenAI-style error body, so OpenAI clients show the message."""
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.status}}
 
 
 def _question(value: str) -> str:
@@ -75,10 +102,13 @@ class RetrieveRequest(BaseModel):
     questions: list[Question] | None = Field(None, min_length=1, max_length=MAX_BATCH_QUESTIONS)
     k: int = Field(5, ge=1, le=MAX_N_DOCS)
 
-    def all_questions(self) -> list[str]:
-        """The questions asked; exactly one of the two fields must be set."""
+    @model_validator(mode="after")
+    def _one_of(self) -> RetrieveRequest:
         if (self.question is None) == (self.questions is None):
-            raise ApiError(422, "give exactly one of 'question' or 'questions'", "question")
+            raise ValueError("give exactly one of 'question' or 'questions'")
+        return self
+
+    def all_questions(self) -> list[str]:
         return [self.question] if self.question is not None else list(self.questions or [])
 
 
@@ -109,19 +139,26 @@ class ChatRequest(DecodingOptions):
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
 
+    @field_validator("messages")
+    @classmethod
+    def _asks_a_question(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        _question(_last_user_text(messages))
+        return messages
+
     def question(self) -> str:
-        users = [m for m in self.messages if m.role == "user"]
-        if not users:
-            raise ApiError(422, "messages: no message with role 'user'", "messages")
-        try:
-            return _question(users[-1].text())
-        except ValueError as error:
-            raise ApiError(422, f"messages: {error}", "messages") from error
+        return _question(_last_user_text(self.messages))
 
     def options(self) -> DecodingOptions:
         limit = self.max_completion_tokens or self.max_tokens or self.max_new_tokens
         return DecodingOptions(n_docs=self.n_docs, mode=self.mode, decoding=self.decoding,
                                num_beams=self.num_beams, max_new_tokens=limit)
+
+
+def _last_user_text(messages: list[ChatMessage]) -> str:
+    users = [m for m in messages if m.role == "user"]
+    if not users:
+        raise ValueError("no message with role 'user'")
+    return users[-1].text()
 
 
 class Doc(BaseModel):
@@ -163,36 +200,98 @@ class SwapRequest(BaseModel):
     version: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
-def decode_body(raw: bytes) -> Any:
-    """Bytes → JSON value, or an ApiError naming what is wrong with the body."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-    if not raw.strip():
-        raise ApiError(400, "body is empty; expected a JSON object")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ApiError(400, f"body is not valid UTF-8 (byte {error.start})") from error
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ApiError(400, f"body is not valid JSON: {error.msg} at line {error.lineno} "
-                            f"column {error.colno}") from error
+ERRORS = {
+    400: "The body is not JSON, not UTF-8, empty, or not a JSON object.",
+    401: "No 'Authorization: Bearer <token>' header.",
+    403: "Admin calls are disabled (no token configured) or the token is wrong.",
+    404: "The index version is not in the index root.",
+    413: f"The body is over {MAX_BODY_BYTES} bytes.",
+    415: "The body is not sent as application/json.",
+    422: "A field is missing, unknown or out of range (the message names it), or the generator "
+         "cannot decode the question as asked.",
+    503: "No shard of the index can answer right now (the message names them).",
+}
 
 
-def parse_request(raw: bytes, schema: type[BaseModel]) -> Any:
-    """Bytes → a validated `schema` instance; every failure is an ApiError (4xx)."""
-    value = decode_body(raw)
-    if not isinstance(value, dict):
-        raise ApiError(400, f"body must be a JSON object, got {type(value).__name__}")
-    try:
-        return schema.model_validate(value)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ApiError(422, f"{where}: {message}{more}", where) from error
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer with."""
+    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def _body_error(error: dict[str, Any], body: Any, content_type: str | None) -> tuple[int, str]:
+    """Status and message when the body as a whole is refused (loc == ("body",))."""
+    if error["type"] == "missing":
+        return 400, "body is empty; expected a JSON object"
+    if isinstance(error["input"], bytes):
+        return 415, f"body must be sent as application/json, got content-type {content_type!r}"
+    if error["type"] == "model_attributes_type":
+        return 400, f"body must be a JSON object, got {_JSON_TYPES.get(type(body), 'a value')}"
+    return 422, "body: " + error["msg"].removeprefix("Value error, ")
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming the first bad field; 400/415 when the body itself is not a JSON object."""
+    first = error.errors()[0]
+    loc = first["loc"][1:] if first["loc"][:1] == ("body",) else first["loc"]
+    if first["type"] == "json_invalid":
+        doc, pos = error.body, loc[0]
+        line, column = doc.count("\n", 0, pos) + 1, pos - doc.rfind("\n", 0, pos)
+        return error_response(400, f"body is not valid JSON: {first['ctx']['error']} at line "
+                                   f"{line} column {column}")
+    if not loc:
+        status, message = _body_error(first, error.body, request.headers.get("content-type"))
+        return error_response(status, message)
+    where = ".".join(str(p) for p in loc)
+    more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    return error_response(422, f"{where}: {first['msg'].removeprefix('Value error, ')}{more}", where)
+
+
+async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+    """Starlette/FastAPI HTTP errors (body limit, undecodable body, 404, 405) in the API's shape."""
+    message = str(error.detail)
+    if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI's 400 "error parsing the body"
+        message = f"body is not valid UTF-8 (byte {error.__cause__.start})"
+    return error_response(error.status_code, message, headers=error.headers)
+
+
+async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    return error_response(error.status, error.message, error.param)
+
+
+ERROR_HANDLERS = {RequestValidationError: _validation_error, HTTPException: _http_error,
+                  ApiError: _api_error}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 once a request body passes `limit` bytes, by its Content-Length
+    before any of it is read, or by the bytes counted as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            refusal = error_response(413, f"body is {declared} bytes; the limit is {self.limit}")
+            return await refusal(scope, receive, send)
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > self.limit:  # raised inside the route's body read: ERROR_HANDLERS answer it
+                raise HTTPException(413, f"body is over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def cited(answer: str, docs: list[Doc]) -> tuple[str, list[int]]:

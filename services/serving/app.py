@@ -1,23 +1,27 @@
-"""The Ray Serve application: Retriever, Generator and Ingress deployments, wired by `build_app`."""
+"""The Ray Serve app: the Ingress and its FastAPI routes over Retriever and Generator; `build_app`."""
 
 import asyncio
 import hmac
 import os
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from cluster.shard_group import ShardUnavailableError
+from services.rag.retrieval import Retrieved
 from services.serving.api import (
+    ERROR_HANDLERS,
     MAX_BODY_BYTES,
     AnswerRequest,
     AnswerResponse,
     ApiError,
+    BodyLimit,
     ChatRequest,
     DecodingOptions,
     RetrieveRequest,
@@ -25,58 +29,27 @@ from services.serving.api import (
     SwapRequest,
     chat_chunks,
     chat_completion,
-    parse_request,
+    responses,
     sse,
 )
 from services.serving.deployments import (
     AppConfig,
     GeneratorDeployment,
-    GenerateRequest,
     IngressConfig,
-    Retrieved,
     RetrieverDeployment,
     docs_of,
 )
+from services.serving.engine import GenerateRequest
 
 ADMIN_TOKEN_ENV = "RAYRAG_ADMIN_TOKEN"
 
-api = FastAPI(
-    title="rayrag",
-    description="Retrieval-Augmented Generation (Lewis et al. 2020) on Ray Serve. Every answer "
-    f"carries its provenance. Limits: body ≤ {MAX_BODY_BYTES} bytes; see the schemas.",
-)
 
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-def _body_doc(schema: type) -> dict[str, Any]:
-    """OpenAPI request-body entry for endpoints that parse the raw body themselves."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": schema.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused with 413 once it passes `limit` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-@serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=256,
-                  ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
 class Ingress:
-    """HTTP front: validation, the API, provenance; calls Retriever then Generator."""
+    """What the HTTP routes do: retrieve, generate, assemble provenance, swap; no Serve needed.
+
+    `retriever` and `generator` are the deployments' handles (or stand-ins with the same
+    methods: `retrieve`, `health`, `index_info`, `swap` broadcast; `generate`).
+    """
 
     def __init__(self, retriever: DeploymentHandle, generator: DeploymentHandle,
                  config: IngressConfig):
@@ -86,8 +59,13 @@ class Ingress:
         self.generator = generator.options(_by_reference=False)
         self.admin_token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
 
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this on each replica, after `__init__`, for the app it serves."""
+        return build_api(self)
+
     async def retrieve(self, question: str, k: int) -> Retrieved:
-        """The top-k from the Retriever; 503 naming the shards when none of them can answer."""
+        """The question's top-k (a batch of one) from the Retriever; 503 naming the shards when
+        none of them can answer."""
         try:
             return await self.retriever.retrieve.remote(question, k)
         except ShardUnavailableError as error:
@@ -98,8 +76,8 @@ class Ingress:
         start = time.perf_counter()
         found = await self.retrieve(question, options.n_docs)
         generated = await self.generator.generate.remote(GenerateRequest(
-            question=question, titles=found.titles, texts=found.texts, doc_scores=found.scores,
-            mode=options.mode, decoding=options.decoding, num_beams=options.num_beams,
+            question=question, titles=found.titles[0], texts=found.texts[0],
+            doc_scores=found.doc_scores[0].tolist(), mode=options.mode, decoding=options.decoding, num_beams=options.num_beams,
             max_new_tokens=options.max_new_tokens))
         if generated.error is not None:
             raise ApiError(422, f"question cannot be answered as asked: {generated.error}")
@@ -110,19 +88,10 @@ class Ingress:
             timings_ms={"retrieve": found.retrieve_ms, "generate": generated.generate_ms,
                         "total": total})
 
-    @api.post("/v1/answer", response_model=AnswerResponse, openapi_extra=_body_doc(AnswerRequest))
-    async def post_answer(self, request: Request) -> AnswerResponse:
-        """Answer a question with RAG; the docs it used come with it."""
-        body = parse_request(await read_body(request), AnswerRequest)
-        return await self.answer(body.question, body)
-
-    @api.post("/v1/retrieve", response_model=RetrieveResponse,
-              openapi_extra=_body_doc(RetrieveRequest))
-    async def post_retrieve(self, request: Request) -> RetrieveResponse:
-        """Top-k passages per question (score as RAG uses it, prob = softmax over the k)."""
-        body = parse_request(await read_body(request), RetrieveRequest)
+    async def retrieve_many(self, questions: list[str], k: int) -> RetrieveResponse:
+        """Top-k per question, searched concurrently; versions are joined if a swap fell between."""
         start = time.perf_counter()
-        found = await asyncio.gather(*(self.retrieve(q, body.k) for q in body.all_questions()))
+        found = await asyncio.gather(*(self.retrieve(q, k) for q in questions))
         versions = {f.version for f in found}
         return RetrieveResponse(
             index_version=found[0].version if len(versions) == 1 else ",".join(sorted(versions)),
@@ -131,48 +100,107 @@ class Ingress:
             timings_ms={"retrieve": max(f.retrieve_ms for f in found),
                         "total": (time.perf_counter() - start) * 1000})
 
-    @api.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
-    async def post_chat(self, request: Request) -> Any:
-        """OpenAI-compatible chat completion: the last user message is the question."""
-        body = parse_request(await read_body(request), ChatRequest)
-        answer = await self.answer(body.question(), body.options())
-        if not body.stream:
-            return chat_completion(body, answer)
-        return StreamingResponse(iter(sse(chat_chunks(body, answer))),
-                                 media_type="text/event-stream")
-
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        """Live replicas per shard and the index version; 503 when a shard has none."""
-        health = await self.retriever.health.remote()
-        return JSONResponse(health, status_code=200 if health["ok"] else 503)
-
-    @api.get("/v1/index")
-    async def index(self) -> dict[str, Any]:
-        """The served index: version, passages, shards, and the versions on disk."""
-        return await self.retriever.index_info.remote()
-
-    @api.post("/v1/admin/index/swap", openapi_extra=_body_doc(SwapRequest))
-    async def swap(self, request: Request) -> dict[str, Any]:
-        """Swap every Retriever replica to `version` (Authorization: Bearer <token>)."""
-        self._authorize(request.headers.get("authorization", ""))
-        body = parse_request(await read_body(request), SwapRequest)
+    async def swap(self, version: str) -> dict[str, Any]:
+        """Swap every Retriever replica to `version`; 404 when the index root lacks it."""
         info = await self.retriever.index_info.remote()
-        if body.version not in info["versions"]:
-            raise ApiError(404, f"version {body.version!r} is not in the index root; "
+        if version not in info["versions"]:
+            raise ApiError(404, f"version {version!r} is not in the index root; "
                                 f"have {info['versions']}", "version")
-        served = await self.retriever.broadcast("swap", body.version).results_async()
-        return {"version": body.version, "replicas": len(served), "previous": info["version"]}
+        served = await self.retriever.broadcast("swap", version).results_async()
+        return {"version": version, "replicas": len(served), "previous": info["version"]}
 
-    def _authorize(self, header: str) -> None:
+    def authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """403 when admin calls are off or the token is wrong, 401 when none is given."""
         if not self.admin_token:
             raise ApiError(403, f"admin calls are disabled: no admin token configured "
                                 f"(args.admin_token or ${ADMIN_TOKEN_ENV})")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        if credentials is None or not credentials.credentials.strip():
             raise ApiError(401, "admin calls need 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+        if not hmac.compare_digest(credentials.credentials.strip().encode(),
+                                   self.admin_token.encode()):
             raise ApiError(403, "admin token is wrong")
+
+
+def _ingress(request: Request) -> Ingress:
+    return request.app.state.ingress
+
+
+Backend = Annotated[Ingress, Depends(_ingress)]
+bearer = HTTPBearer(auto_error=False, description="the admin token (args.admin_token or "
+                                                  f"${ADMIN_TOKEN_ENV})")
+BODY_ERRORS = (400, 413, 415, 422)
+router = APIRouter()
+
+
+@router.post("/v1/answer", responses=responses(*BODY_ERRORS, 503))
+async def post_answer(body: AnswerRequest, ingress: Backend) -> AnswerResponse:
+    """Answer a question with RAG; the docs it used come with it."""
+    return await ingress.answer(body.question, body)
+
+
+@router.post("/v1/retrieve", responses=responses(*BODY_ERRORS, 503))
+async def post_retrieve(body: RetrieveRequest, ingress: Backend) -> RetrieveResponse:
+    """Top-k passages per question (score as RAG uses it, prob = softmax over the k)."""
+    return await ingress.retrieve_many(body.all_questions(), body.k)
+
+
+CHAT_OK = {200: {"description": "A `chat.completion` object with `docs` and `citations`; with "
+                                "`stream: true`, `chat.completion.chunk` server-sent events.",
+                 "content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+@router.post("/v1/chat/completions", responses={**CHAT_OK, **responses(*BODY_ERRORS, 503)})
+async def post_chat(body: ChatRequest, ingress: Backend) -> Any:
+    """OpenAI-compatible chat completion: the last user message is the question."""
+    answer = await ingress.answer(body.question(), body.options())
+    if not body.stream:
+        return chat_completion(body, answer)
+    return StreamingResponse(iter(sse(chat_chunks(body, answer))), media_type="text/event-stream")
+
+
+@router.get("/healthz", responses={503: {"description": "A shard has no live replica (same "
+                                                        "report)."}})
+async def healthz(ingress: Backend) -> JSONResponse:
+    """Live replicas per shard and the index version; 503 when a shard has none."""
+    health = await ingress.retriever.health.remote()
+    return JSONResponse(health, status_code=200 if health["ok"] else 503)
+
+
+@router.get("/v1/index")
+async def index(ingress: Backend) -> dict[str, Any]:
+    """The served index: version, passages, shards, and the versions on disk."""
+    return await ingress.retriever.index_info.remote()
+
+
+async def _admin(ingress: Backend,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+                 ) -> None:
+    """Runs before the body is validated, so a caller without the token learns nothing more."""
+    ingress.authorize(credentials)
+
+
+@router.post("/v1/admin/index/swap", dependencies=[Depends(_admin)],
+             responses=responses(401, 403, 404, *BODY_ERRORS))
+async def swap(body: SwapRequest, ingress: Backend) -> dict[str, Any]:
+    """Swap every Retriever replica to `version` (Authorization: Bearer <token>)."""
+    return await ingress.swap(body.version)
+
+
+def build_api(ingress: Ingress) -> FastAPI:
+    """The FastAPI app over `ingress`: routes, error bodies, the body-size limit."""
+    api = FastAPI(
+        title="rayrag", exception_handlers=ERROR_HANDLERS,
+        description="Retrieval-Augmented Generation (Lewis et al. 2020) on Ray Serve. Every "
+        f"answer carries its provenance. Limits: body ≤ {MAX_BODY_BYTES} bytes; see the schemas.")
+    api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    api.include_router(router)
+    api.state.ingress = ingress
+    return api
+
+
+IngressDeployment = serve.deployment(
+    name="Ingress", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
+)(serve.ingress()(Ingress))
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -184,4 +212,4 @@ def build_app(args: dict[str, Any]) -> Application:
         config.retriever)
     generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(
         config.generator)
-    return Ingress.bind(retriever, generator, config.ingress)
+    return IngressDeployment.bind(retriever, generator, config.ingress)

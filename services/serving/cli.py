@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from typing import TYPE_CHECKING
 
 from cluster.runtime import init_ray
 from services.serving.serve_file import ServeFile, read_serve_file
+
+if TYPE_CHECKING:
+    from services.serving.deployments import IndexArgs, ModelsArgs
+
+log = logging.getLogger(__name__)
 
 
 def run_ask(args: argparse.Namespace) -> int:
     """`ask --local`: answer one question in this process and print the answer with its sources."""
     from services.rag.local import LocalConfig, LocalRag
 
-    config = LocalConfig(
-        corpus=args.corpus, limit=args.limit, encoder=args.encoder, doc_encoder=args.doc_encoder,
-        generator=args.generator, n_docs=args.n_docs, mode=args.mode, decoding=args.decoding,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir,
-    )
+    config = LocalConfig.parse({key: getattr(args, key) for key in LocalConfig.model_fields})
     [answer] = LocalRag.from_config(config).ask([args.question])
     print(f"Answer: {answer.answer}")
     print("Sources:")
@@ -71,40 +74,35 @@ def serve_app_args(config: ServeFile, args: argparse.Namespace) -> dict:
     return app_args
 
 
-def _ensure_index(index: dict) -> None:
+def _ensure_index(index: IndexArgs) -> None:
     """Build and publish the index the app serves when its root has no published version; a
     pinned version must already be there."""
-    from pathlib import Path
-
     from cluster.index_build import build_index
     from cluster.index_store import list_versions, published_version
     from cluster.passages import load_corpus
-    from services.serving.deployments import default_index_root
 
-    root = Path(index.get("root") or default_index_root()).expanduser()
-    if index.get("version"):
+    root = index.index_root
+    if index.version:
         versions = list_versions(root)
-        if index["version"] not in versions:
-            raise ValueError(f"index version {index['version']!r} is not in {root}; it has {versions}")
-        print(f"index: {root} (version {index['version']}, pinned)", flush=True)
+        if index.version not in versions:
+            raise ValueError(f"index version {index.version!r} is not in {root}; it has {versions}")
+        log.info("index: %s (version %s, pinned)", root, index.version)
         return
     if published_version(root) is not None:
-        print(f"index: {root} (version {published_version(root)})", flush=True)
+        log.info("index: %s (version %s)", root, published_version(root))
         return
-    corpus = index.get("corpus", "default")
-    print(f"index: none at {root}; building it from corpus {corpus!r} (once)", flush=True)
-    passages = load_corpus(corpus)
-    version = build_index(passages, root, encoder=index.get("encoder", "default"),
-                          shards=int(index.get("shards", 1)))
-    print(f"index: built and published {version} ({len(passages)} passages)", flush=True)
+    log.info("index: none at %s; building it from corpus %r (once)", root, index.corpus)
+    passages = load_corpus(index.corpus)
+    version = build_index(passages, root, encoder=index.encoder, shards=index.shards)
+    log.info("index: built and published %s (%d passages)", version, len(passages))
 
 
-def _warm_models(models: dict) -> None:
+def _warm_models(models: ModelsArgs) -> None:
     """Convert the default generator once here (≈40 s) so replicas load it in under a second."""
     from services.rag.loading import cached_gguf, default_gguf_path
 
-    if models.get("generator", "default") == "default":
-        print("models: preparing the default generator (converted once, then cached)", flush=True)
+    if models.generator == "default":
+        log.info("models: preparing the default generator (converted once, then cached)")
         cached_gguf(default_gguf_path())
 
 
@@ -120,17 +118,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from services.serving.app import build_app
+    from services.serving.deployments import AppArgs
 
     config = read_serve_file(args.config)
     http, app, app_args = config.http_options, config.app, serve_app_args(config, args)
     if args.port is not None:
         http["port"] = args.port
+    parsed = AppArgs.parse(app_args, "args.")  # every bad key named before Ray starts
     init_ray(log_to_driver=False)  # $RAY_ADDRESS when set, else a local Ray on 127.0.0.1
-    _ensure_index(app_args.get("index") or {})
-    _warm_models(app_args.get("models") or {})
+    _ensure_index(parsed.index)
+    _warm_models(parsed.models)
     serve.start(http_options=http, controller_options=config.controller_options or None)
-    serve.run(build_app(app_args), name=app.get("name", "rayrag"),
-              route_prefix=app.get("route_prefix", "/"))
+    serve.run(build_app(app_args), name=app.name, route_prefix=app.route_prefix)
     url = f"http://{http['host']}:{http['port']}"
     print(f"\nrayrag is serving on {url} (API docs: {url}/docs). Try:\n"
           f"  rayrag ask \"Who directed 2001: A Space Odyssey?\"\n"
@@ -142,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping rayrag", flush=True)
+        log.info("stopping rayrag")
     finally:
         serve.shutdown()
     return 0

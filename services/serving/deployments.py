@@ -5,16 +5,20 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from pydantic import Field, field_validator
 from ray import serve
 
+from cluster.config import Config
 from cluster.index_store import list_versions, published_version
+from services.rag.retrieval import Retrieved, retrieve
 from services.serving.api import Doc
+from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
 
 
 def default_index_root() -> str:
@@ -24,37 +28,21 @@ def default_index_root() -> str:
     return str(cache_root() / "index")
 
 
-@dataclass
-class BatchConfig:
+class BatchConfig(Config):
     """`@serve.batch` settings; max_batch_size 1 turns batching off."""
 
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an int ≥ 1, got {self.max_batch_size!r}")
-        if not 0 <= self.batch_wait_timeout_s <= 1:
-            raise ValueError(f"batch_wait_timeout_s must be in [0, 1], got {self.batch_wait_timeout_s!r}")
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)
 
 
-@dataclass
-class DeploymentConfig:
+class DeploymentConfig(Config):
     """Replicas (fixed, or a Serve autoscaling_config), CPUs per replica, batching."""
 
-    num_replicas: int = 1
+    num_replicas: int = Field(1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
-    num_cpus: float = 1.0
-    torch_threads: int = 1
-    batch: BatchConfig = field(default_factory=BatchConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.batch, dict):
-            self.batch = BatchConfig(**self.batch)
-        if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be an int ≥ 1, got {self.num_replicas!r}")
-        if self.num_cpus < 0 or self.torch_threads < 1:
-            raise ValueError(f"bad num_cpus {self.num_cpus!r} or torch_threads {self.torch_threads!r}")
+    num_cpus: float = Field(1.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     def deployment_options(self) -> dict[str, Any]:
         scale = ({"autoscaling_config": self.autoscaling_config} if self.autoscaling_config
@@ -63,99 +51,82 @@ class DeploymentConfig:
                 "max_ongoing_requests": max(8, 2 * self.batch.max_batch_size)}
 
 
-@dataclass
-class RetrieverConfig(DeploymentConfig):
-    """Query encoder + shard group; follows the index root's pointer every `follow_s` (0: off)."""
+class ServedIndex(Config):
+    """The index a Retriever serves: the root's published version, followed every `follow_s`
+    seconds (0: off), or a pinned `version`; per shard, `shard_replicas` actors of `shard_cpus`."""
 
-    index_root: str = field(default_factory=default_index_root)
-    query_encoder: str = "default"
+    index_root: str = Field(default_factory=default_index_root, alias="root")
     version: str | None = None
-    shard_replicas: int = 1
-    shard_num_cpus: float = 1.0
-    faiss_threads: int = 1
-    follow_s: float = 2.0
+    shard_replicas: int = Field(1, ge=1)
+    shard_cpus: float = Field(1.0, ge=0)
+    faiss_threads: int = Field(1, ge=1)
+    follow_s: float = Field(2.0, ge=0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.index_root = str(Path(self.index_root).expanduser())
-        if self.follow_s < 0:
-            raise ValueError(f"follow_s must be ≥ 0, got {self.follow_s!r}")
+    @field_validator("index_root")
+    @classmethod
+    def _expand(cls, root: str) -> str:
+        return str(Path(root).expanduser())
 
 
-@dataclass
+class IndexArgs(ServedIndex):
+    """deploy.yaml's `args.index`; `rayrag serve` builds the index from these when the root has none."""
+
+    shards: int = Field(1, ge=1)
+    corpus: str = "default"
+    encoder: str = "default"  # the document encoder
+
+
+class RetrieverConfig(DeploymentConfig, ServedIndex):
+    """Query encoder + shard group."""
+
+    query_encoder: str = "default"
+
+
 class GeneratorConfig(DeploymentConfig):
     """The generator: a name or a path (e.g. a checkpoint's export); doc scores come with requests."""
 
     generator: str = "default"
 
 
-@dataclass
-class IngressConfig:
+class IngressConfig(Config):
     admin_token: str | None = None
 
 
-BUILD_ONLY = ("shards", "corpus", "encoder")  # index args read by `rayrag serve` to build one
+class ModelsArgs(Config):
+    """deploy.yaml's `args.models`: names or paths, e.g. the folders of a training export."""
+
+    query_encoder: str = "default"
+    generator: str = "default"
 
 
-@dataclass
-class AppConfig:
-    """The `args:` of deploy.yaml. `models` names the query encoder and generator for both."""
+class AppArgs(Config):
+    """The `args:` of deploy.yaml's application (`build_app(args)`)."""
+
+    index: IndexArgs = Field(default_factory=IndexArgs)
+    models: ModelsArgs = Field(default_factory=ModelsArgs)
+    retriever: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    generator: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    admin_token: str | None = None
+
+
+class AppConfig(Config):
+    """The configs `build_app` hands to each deployment."""
 
     retriever: RetrieverConfig
     generator: GeneratorConfig
     ingress: IngressConfig
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "AppConfig":
-        args = dict(args or {})
-        known = {"index", "models", "retriever", "generator", "admin_token"}
-        if unknown := sorted(set(args) - known):
-            raise ValueError(f"unknown app args {unknown}; expected some of {sorted(known)}")
-        index = {k: v for k, v in (args.get("index") or {}).items() if k not in BUILD_ONLY}
-        root = index.pop("root", None)
-        models = dict(args.get("models") or {})
-        encoder = models.get("query_encoder", "default")
-        retriever = {**_pick(RetrieverConfig, index), **(args.get("retriever") or {}),
-                     "query_encoder": encoder, **({"index_root": root} if root else {})}
-        generator = {**(args.get("generator") or {}), "generator": models.get("generator", "default")}
-        return cls(RetrieverConfig(**retriever), GeneratorConfig(**generator),
-                   IngressConfig(args.get("admin_token")))
-
-
-def _pick(kind: type, values: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(kind)}
-    if unknown := sorted(set(values) - names):
-        raise ValueError(f"unknown index args {unknown}")
-    return values
-
-
-@dataclass
-class Retrieved:
-    """One question's top-k from one index version; `scores` are the doc scores RAG uses."""
-
-    ids: list[int]
-    titles: list[str]
-    texts: list[str]
-    scores: list[float]  # scale · q(x)ᵀ d(z)
-    version: str
-    coverage: float  # fraction of shards that answered
-    retrieve_ms: float
-
-
-@dataclass
-class GenerateRequest:
-    question: str
-    titles: list[str]
-    texts: list[str]
-    doc_scores: list[float]  # (K,)
-    mode: str
-    decoding: str
-    num_beams: int
-    max_new_tokens: int
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys decode together in one `generate_answers` call."""
-        return (self.mode, self.decoding, self.num_beams, self.max_new_tokens, len(self.titles))
+    def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
+        """deploy.yaml's `args:` → one config per deployment; a ValueError names a bad key."""
+        parsed = AppArgs.parse(args or {}, "args.")
+        served = parsed.index.model_dump(by_alias=True, include=set(ServedIndex.model_fields))
+        retriever = RetrieverConfig.model_validate(
+            {**parsed.retriever.model_dump(), **served, "query_encoder": parsed.models.query_encoder})
+        generator = GeneratorConfig.model_validate(
+            {**parsed.generator.model_dump(), "generator": parsed.models.generator})
+        return cls(retriever=retriever, generator=generator,
+                   ingress=IngressConfig(admin_token=parsed.admin_token))
 
 
 @dataclass
@@ -169,12 +140,12 @@ class Generated:
 
 
 def docs_of(found: Retrieved) -> list[Doc]:
-    """Provenance: the retrieved docs with their scores and p(z|x) = softmax(scores)."""
+    """Provenance of one question: its docs with their doc scores and p(z|x) = softmax(doc scores)."""
     from services.rag.marginal import doc_log_probs
 
-    probs = doc_log_probs(torch.tensor([found.scores], dtype=torch.float32)).exp()[0]  # (K,)
-    return [Doc(id=i, title=t, text=x, score=s, prob=float(p))
-            for i, t, x, s, p in zip(found.ids, found.titles, found.texts, found.scores, probs)]
+    probs = doc_log_probs(torch.from_numpy(found.doc_scores)).exp()[0]  # (K,)
+    return [Doc(id=int(i), title=t, text=x, score=float(s), prob=float(p))
+            for i, t, x, s, p in zip(found.ids[0], found.titles[0], found.texts[0], found.doc_scores[0], probs)]
 
 
 def _set_batching(method: Any, batch: BatchConfig) -> None:
@@ -198,7 +169,7 @@ class RetrieverDeployment:
         self.seen_pointer = published_version(config.index_root)
         self.group = ShardGroup(ShardGroupConfig(
             index_root=config.index_root, replicas=config.shard_replicas,
-            num_cpus_per_replica=config.shard_num_cpus, faiss_threads=config.faiss_threads),
+            shard_cpus=config.shard_cpus, faiss_threads=config.faiss_threads),
             version=config.version)
         self.failure: BaseException | None = None
         self.stop = threading.Event()
@@ -211,23 +182,11 @@ class RetrieverDeployment:
         return await asyncio.to_thread(self._retrieve_batch, questions, ks)
 
     def _retrieve_batch(self, questions: list[str], ks: list[int]) -> list[Retrieved]:
-        """Encode, search, and score the hits as RagModel does (from the stored doc vectors)."""
-        from services.rag.model import scaled_doc_scores
-
-        start = time.perf_counter()
-        queries = self.encoder.encode(questions)  # (B, d)
-        found = self.group.search(queries, k=max(ks), return_vectors=True)
-        scores = scaled_doc_scores(torch.from_numpy(queries), torch.from_numpy(found.vectors),
-                                   self.doc_score_scale).numpy()  # (B, k)
-        elapsed = (time.perf_counter() - start) * 1000
-        out = []
-        for b, k in enumerate(ks):
-            hit = np.flatnonzero(found.ids[b, :k] >= 0)  # fewer than k passages: drop -1 slots
-            out.append(Retrieved(
-                ids=found.ids[b, hit].tolist(), titles=[found.titles[b][i] for i in hit],
-                texts=[found.texts[b][i] for i in hit], scores=scores[b, hit].tolist(),
-                version=found.version, coverage=found.coverage, retrieve_ms=elapsed))
-        return out
+        """One retrieval for the batch (one index version); each question gets a batch of one with
+        its first k hits, fewer when the index holds fewer passages."""
+        search = partial(self.group.search, return_vectors=True)
+        found = retrieve(self.encoder, search, questions, max(ks), self.doc_score_scale)
+        return [found.for_question(b, k) for b, k in enumerate(ks)]
 
     def swap(self, version: str) -> str:
         """Swap the shard group to `version` (admin call, broadcast to every replica)."""
@@ -277,23 +236,21 @@ class RetrieverDeployment:
 
 @serve.deployment(name="Generator")
 class GeneratorDeployment:
-    """RAG decoding; `@serve.batch` groups compatible requests into one generate call."""
+    """Answers with an injected engine (`RagEngine` by default); `@serve.batch` groups compatible
+    requests into one engine call."""
 
-    def __init__(self, config: GeneratorConfig):
-        from services.rag.generator import make_generator
-        from services.rag.loading import load_generator
-
+    def __init__(self, config: GeneratorConfig, engine: EngineFactory = RagEngine):
         torch.set_num_threads(config.torch_threads)
-        model, tokenizer = load_generator(config.generator)
-        self.generator = make_generator(model, tokenizer).eval()
+        self.engine = engine(config.generator)
         self.failure: BaseException | None = None
         _set_batching(self.generate, config.batch)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def generate(self, requests: list[GenerateRequest]) -> list[Generated]:
-        return await asyncio.to_thread(self._generate_batch, requests)
+        return await asyncio.to_thread(self.generate_batch, requests)
 
-    def _generate_batch(self, requests: list[GenerateRequest]) -> list[Generated]:
+    def generate_batch(self, requests: list[GenerateRequest]) -> list[Generated]:
+        """One engine call per group of equal `batch_key()`; results in request order."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             groups[request.batch_key()].append(i)
@@ -314,19 +271,12 @@ class GeneratorDeployment:
             return [r for request in group for r in self._generate_safely([request])]
 
     def _generate_group(self, group: list[GenerateRequest]) -> list[Generated]:
-        from services.rag.model import generate_answers
-
         start = time.perf_counter()
-        first = group[0]
         try:
-            answers = generate_answers(
-                self.generator, [r.question for r in group], [r.titles for r in group],
-                [r.texts for r in group], [r.doc_scores for r in group], mode=first.mode,
-                decoding=first.decoding, num_beams=first.num_beams,
-                max_new_tokens=first.max_new_tokens)
+            answers = self.engine.generate(group)
         except ValueError:
             raise
-        except Exception as error:  # a broken model, not bad input: check_health restarts us
+        except Exception as error:  # a broken engine, not bad input: check_health restarts us
             self.failure = error
             raise
         elapsed = (time.perf_counter() - start) * 1000

@@ -1,41 +1,67 @@
 """deploy.yaml, the Serve config file that `rayrag serve`, `serve run`, the benchmark and the tests share."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from cluster.config import describe
+
+if TYPE_CHECKING:
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 IMPORT_PATH = "services.serving.app:build_app"
+LOCAL_HTTP = {"host": "127.0.0.1", "port": 8000}  # where rayrag listens unless the file says otherwise
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeFile:
-    """The parts of a Serve config file that rayrag reads: HTTP, controller options, its app."""
+    """A Serve config file, validated by Serve's own schema, that holds one rayrag application."""
 
-    http_options: dict[str, Any]
-    controller_options: dict[str, Any]
-    app: dict[str, Any]
+    schema: ServeDeploySchema
+
+    @property
+    def app(self) -> ServeApplicationSchema:
+        return self.schema.applications[0]
 
     @property
     def app_args(self) -> dict[str, Any]:
-        return dict(self.app.get("args") or {})
+        """A copy of the application's `args:` (what `build_app` receives), free to change."""
+        return copy.deepcopy(self.app.args)
+
+    @property
+    def http_options(self) -> dict[str, Any]:
+        """The file's `http_options` over 127.0.0.1:8000, for `serve.start`."""
+        return {**LOCAL_HTTP, **self.schema.http_options.model_dump(exclude_unset=True)}
+
+    @property
+    def controller_options(self) -> dict[str, Any]:
+        """The file's `controller_options`, for `serve.start` (empty when it sets none)."""
+        return self.schema.controller_options.model_dump(exclude_unset=True)
 
 
 def default_config_path() -> str:
     """./deploy.yaml when present, else the one next to the installed packages."""
     local = Path("deploy.yaml")
-    return str(local if local.is_file() else Path(__file__).resolve().parents[1] / "deploy.yaml")
+    return str(local if local.is_file() else Path(__file__).resolve().parents[2] / "deploy.yaml")
 
 
 def read_serve_file(path: str | None = None) -> ServeFile:
     """Parse `path` (default: `default_config_path()`); it must hold one rayrag application."""
     import yaml
+    from ray.serve.schema import ServeDeploySchema
 
     path = path or default_config_path()
     with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file) or {}
-    apps = config.get("applications") or []
-    if len(apps) != 1 or apps[0].get("import_path") != IMPORT_PATH:
+        raw = yaml.safe_load(file) or {}
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(f"{path}: {describe(error)}") from error
+    apps = schema.applications
+    if len(apps) != 1 or apps[0].import_path != IMPORT_PATH:
         raise ValueError(f"{path}: expected one application with import_path {IMPORT_PATH}")
-    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
-    return ServeFile(http, dict(config.get("controller_options") or {}), apps[0])
+    return ServeFile(schema)

@@ -34,7 +34,7 @@ def _stored(root: Path, version: str) -> np.ndarray:
     shards = len(load_manifest(root, version).shards)
     parts = []
     for s in range(shards):
-        shard = Shard(ShardConfig(str(root), version, s))
+        shard = Shard(ShardConfig(index_root=str(root), version=version, shard=s))
         parts.append(shard.index.reconstruct_n(0, shard.index.ntotal))
     return np.concatenate(parts)  # (N, d)
 
@@ -76,11 +76,11 @@ def test_cli_build_and_list(ray_session, tmp_path: Path, encoder_path: str, caps
     corpus.write_text("\n".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) for p in _passages(12)))
     root = tmp_path / "index"
     argv = ["index", "build", "--corpus", str(corpus), "--shards", "3", "--index-type", "HNSW16",
-            "--out", str(root), "--encoder", encoder_path]
+            "--index-root", str(root), "--encoder", encoder_path]
     assert main(argv) == 0
-    assert main(["index", "list", str(root)]) == 0
+    assert main(["index", "list", "--index-root", str(root)]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (row["version"], row["published"], row["count"], row["shards"]) == ("v0001", True, 12, 3)
-    assert main(argv[:-4] + ["--index-type", "Nope7", "--out", str(root), "--encoder", encoder_path]) == 2
-    assert main(["index", "list", str(tmp_path / "nowhere")]) == 2
+    assert main(argv[:-4] + ["--index-type", "Nope7", "--index-root", str(root), "--encoder", encoder_path]) == 2
+    assert main(["index", "list", "--index-root", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -8,6 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
+
 SCRIPT = textwrap.dedent('''
     import json, signal, sys
     import faiss
@@ -41,7 +45,7 @@ SCRIPT = textwrap.dedent('''
     try:
         vectors = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
         build_index_from_vectors(vectors, [Passage(i, "t", f"p{i}") for i in range(200)], root, shards=2)
-        group = ShardGroup(ShardGroupConfig(index_root=root, replicas=2, num_cpus_per_replica=0.5))
+        group = ShardGroup(ShardGroupConfig(index_root=root, replicas=2, shard_cpus=0.5))
         result = group.search(vectors[:3], 4)
         reference = faiss.IndexFlatIP(8)
         reference.add(vectors)

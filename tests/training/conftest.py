@@ -3,6 +3,7 @@ answers exist nowhere else, train/held-out questions, and a config builder."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class Toy:
     train: str
     heldout: str
     answers: dict[str, str]
+    seed: int = 0  # of the toy's data, the generator's initialisation and the training order
 
     def raw_config(self, run_dir: Path, **overrides) -> dict:
         """A training config dict (YAML-shaped) for this toy; sections merge with `overrides`."""
@@ -33,7 +35,7 @@ class Toy:
                "data": {"train": self.train},
                "index": {"root": str(run_dir / "index"), "corpus": self.corpus, "shard_cpus": 0},
                "models": {"query_encoder": self.encoder, "doc_encoder": self.encoder, "generator": self.generator},
-               "n_docs": 3, "variant": "sequence",
+               "n_docs": 3, "mode": "sequence",
                "optimizer": {"lr": 1e-2, "grad_clip": 1.0},
                "schedule": {"steps": 6, "batch_size": 4, "checkpoint_every": 3},
                "scaling": {"num_workers": 2}}
@@ -73,30 +75,40 @@ def toy_index(toy, ray_session) -> Path:
     return toy.root / "index"
 
 
-# A second toy for learning to read the passage: 64 keys whose answers come from a pool of 16 words,
-# so every answer word is trained on many times while each key → answer pair is seen rarely.
+# A second toy, for learning to copy from the passage: two-word keys whose answers (one of 16 words)
+# exist only in their passage. There are too many training keys to memorise within the test's
+# steps, so reading the answer out of the top passage is what lowers the loss; held-out keys then
+# show whether the generator learned to read: no closed-book model can know their answers.
 MORE_KEYS = ("paris market capital earth degree coast letter season border window summer doctor "
              "kitchen lesson pocket shadow ticket winter cotton basket button carpet circus dragon "
              "farmer jacket ladder monkey parrot pepper pillow rabbit").split()
 POOL = 16
+COPY_TRAIN, COPY_HELDOUT = 600, POOL
+TOY_SEED = int(os.environ.get("RAYRAG_TOY_SEED", "0"))  # another seed: another toy, init and data order
 
 
 @pytest.fixture(scope="session")
-def pool_toy(tmp_path_factory) -> Toy:
-    """64 training keys, passage title = key, text = its answer (one of 16 words); the encoder is
-    wide (768) so that title-token overlap retrieves the right passage; the generator has 1 layer."""
+def copy_toy(tmp_path_factory) -> Toy:
+    """600 training and 16 held-out keys ("apple river"); passage title = key, text = its answer. The
+    held-out answers are the 16 pool words once each, so a constant guess scores 1/16. The encoder is
+    wide (768) so that title-token overlap retrieves the key's passage; the generator's encoder has no
+    layers, so each encoder output is its own token's and copying does not depend on the key's tokens."""
     from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
-    root = tmp_path_factory.mktemp("pool_toy")
-    keys = KEYS + MORE_KEYS
-    picks = np.random.default_rng(0).integers(0, POOL, len(keys))
-    answers = {k: ANSWERS[i] for k, i in zip(keys, picks)}
+    root = tmp_path_factory.mktemp("copy_toy")
+    rng = np.random.default_rng(TOY_SEED)
+    words = KEYS + MORE_KEYS
+    pairs = [f"{a} {b}" for a in words for b in words if a < b]  # no "b a" beside "a b": retrieval is exact
+    keys = [pairs[i] for i in rng.choice(len(pairs), COPY_TRAIN + COPY_HELDOUT, replace=False)]
+    pool = ANSWERS[:POOL]
+    answers = {k: pool[i] for k, i in zip(keys[:COPY_TRAIN], rng.integers(0, POOL, COPY_TRAIN))}
+    answers |= dict(zip(keys[COPY_TRAIN:], rng.permutation(pool).tolist()))
     corpus = _write_jsonl(root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]}
                                                   for i, k in enumerate(keys)])
     qa = [{"question": f"{k}?", "answers": [answers[k]]} for k in keys]
     return Toy(root=root,
                encoder=save_tiny_encoder(root / "encoder", dim=768, layers=0),
-               generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=64, layers=1),
-               corpus=corpus, train=_write_jsonl(root / "train.jsonl", qa),
-               heldout=_write_jsonl(root / "heldout.jsonl", []),  # none: every key is trained on
-               answers=answers)
+               generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=128, layers=1,
+                                             encoder_layers=0, seed=TOY_SEED),
+               corpus=corpus, train=_write_jsonl(root / "train.jsonl", qa[:COPY_TRAIN]),
+               heldout=_write_jsonl(root / "heldout.jsonl", qa[COPY_TRAIN:]), answers=answers, seed=TOY_SEED)

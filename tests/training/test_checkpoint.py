@@ -55,7 +55,8 @@ def test_export_gives_folders_that_load_as_the_trained_models(tmp_path, capsys):
     from training.modules import build_train_module, export_models
 
     encoder = save_tiny_encoder(tmp_path / "encoder")
-    models = ModelsConfig(encoder, encoder, save_tiny_generator(tmp_path / "generator"))
+    models = ModelsConfig(query_encoder=encoder, doc_encoder=encoder,
+                          generator=save_tiny_generator(tmp_path / "generator"))
     module = build_train_module(models, "sequence", train_doc_encoder=True)
     with torch.no_grad():  # stand-in for training: every weight moves away from the start
         for parameter in module.parameters():

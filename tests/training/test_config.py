@@ -1,4 +1,4 @@
-"""Training config: YAML → typed dataclasses, errors that name the key, the refresh schedule."""
+"""Training config: YAML → typed pydantic models, errors that name the key, the refresh schedule."""
 from __future__ import annotations
 
 import pytest
@@ -27,15 +27,30 @@ def test_loads_typed_values_and_resolves_data_paths(tmp_path, raw):
     assert cfg.optimizer.lr == pytest.approx(3e-4)
     assert cfg.scaling.elastic and cfg.scaling.worker_range == (1, 2)
     assert cfg.data.train == str(tmp_path / "train.jsonl")
-    assert cfg.variant == "sequence" and cfg.n_docs == 5 and not cfg.train_doc_encoder
+    assert cfg.mode == "sequence" and cfg.n_docs == 5 and not cfg.train_doc_encoder
 
 
-def test_example_config_is_valid():
+def _leaves(raw: dict, prefix: tuple[str, ...] = ()):
+    """(key path, value) of every scalar or list in a YAML mapping."""
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def test_example_config_loads_every_value_it_writes():
     from pathlib import Path
 
     example = Path(__file__).resolve().parents[2] / "examples" / "train.yaml"
     cfg = load_config(example)
-    assert cfg.schedule.steps > 0
+    leaves = list(_leaves(yaml.safe_load(example.read_text())))
+    assert len(leaves) > 20
+    for path, written in leaves:
+        loaded = cfg
+        for key in path:
+            loaded = getattr(loaded, key)
+        assert (list(loaded) if isinstance(written, list) else loaded) == written, ".".join(path)
 
 
 @pytest.mark.parametrize("path, value, message", [
@@ -43,7 +58,7 @@ def test_example_config_is_valid():
     (("data", "train"), None, "missing config key 'data.train'"),
     (("schedule", "steps"), "ten", "config key 'schedule.steps' has a bad value 'ten'"),
     (("schedule", "batch_size"), 0, "'schedule.batch_size' must be >= 1"),
-    (("variant",), "beam", "config key 'variant' must be one of"),
+    (("mode",), "beam", "config key 'mode' must be 'sequence' or 'token', got 'beam'"),
     (("n_docs",), 0, "config key 'n_docs' must be >= 1"),
     (("refresh",), "0-10", "config key 'refresh': bad range '0-10'"),
     (("scaling", "num_workers"), [2, 1], "config key 'scaling.num_workers'"),
@@ -75,3 +90,31 @@ def test_refresh_schedule_steps():
 def test_refresh_schedule_rejects(spec):
     with pytest.raises(ValueError, match="config key 'refresh'"):
         RefreshSchedule.parse(spec)
+
+
+def test_refresh_ranges_hold_their_end_not_their_start():
+    """A range START-END covers START < step <= END: its end step refreshes, its start does not."""
+    schedule = RefreshSchedule.parse("10-20:5,20-30:10")
+    assert [s for s in range(1, 40) if schedule.is_refresh_step(s)] == [15, 20, 30]
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"variant": "sequence"}, "unknown config key 'variant'"),
+    ({"index": {"root": "r", "shard_cpus": -1}}, "config key 'index.shard_cpus' must be >= 0"),
+    ({"scaling": {"num_workers": "two"}}, "config key 'scaling.num_workers': must be n >= 1"),
+    ({"name": "a b"}, "config key 'name' has a bad value 'a b'"),
+])
+def test_one_line_error_names_the_key(tmp_path, raw, patch, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        load_config(write(tmp_path, raw | patch))
+    assert "\n" not in str(caught.value) and "more)" not in str(caught.value)
+
+
+def test_eval_config_defaults_to_fast_decoding_and_names_bad_keys():
+    from training.evaluate import EvalConfig
+
+    assert EvalConfig().decoding == "fast" and EvalConfig().n_docs == (1, 2, 5)
+    with pytest.raises(ValueError, match="config key 'n_docs.1' must be > 0, got 0"):
+        EvalConfig.parse({"n_docs": [1, 0]})
+    with pytest.raises(ValueError, match="config key 'settings.0' must be"):
+        EvalConfig.parse({"settings": ["open_book"]})

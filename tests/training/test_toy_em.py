@@ -1,37 +1,44 @@
-"""RAG training on a toy whose answers exist only in the corpus: the loss falls, and exact match beats closed-book.
+"""RAG training teaches the generator to read: on keys it never trained on, RAG answers and closed-book cannot.
 
-The evidence is on the TRAINING questions, not on held-out keys: within the time budget a tiny random
-BART does not reliably learn to copy answers of keys it never trained on (tried: held-out EM 0.0-0.75
-depending on the seed), so held-out EM is not asserted. Two closed-book baselines, each given one
-empty passage as training/evaluate.py's "closed_book" does: the RAG-trained generator itself (does it
-read the passage?), and a generator trained closed-book with the same loop, data order and steps
-(which can only memorise the 64 key → answer pairs, while RAG can read them from the top passage).
+The copy toy (`copy_toy` in conftest.py) has 600 training keys, too many to memorise in the test's
+steps, so the loss falls by copying the answer out of the retrieved passage. The claim is checked
+on 16 held-out keys whose answers exist only in their passages: there no closed-book model can
+beat chance (1/16, each pool word once), neither the RAG-trained generator given an empty passage
+nor a generator trained closed-book with the same loop, data order and steps. The margin holds by
+construction, not by a race between two learners. Measured over seeds 0-4 (`RAYRAG_TOY_SEED`) with
+1 and 2 threads: held-out EM 1.00 in every run, closed-book at most 0.125.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from cluster.merge import SearchResult
 from cluster.passages import Passage, passage_text
-from cluster.shard_group import SearchResult, ShardGroup, ShardGroupConfig
+from cluster.shard_group import ShardGroup, ShardGroupConfig
+from services.rag.retrieval import Retrieved, Search
 from training.config import TrainConfig, config_from_dict
 from training.data import load_qa
-from training.evaluate import EvalConfig, Retrieved, predict, retrieve
-from training.loop import Search, global_batch, make_optimizer, train_step
+from training.evaluate import EvalConfig, predict, retrieve
+from training.loop import global_batch, make_optimizer, train_step
 from training.metrics import recall_at_k, score_predictions
 from training.modules import RagTrainModule, build_train_module
 from training.trainer import prepare_index
 
-STEPS, BATCH, N_DOCS, LR = 250, 16, 2, 3e-3
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
+
+STEPS, BATCH, N_DOCS, LR = 150, 16, 2, 3e-3
 
 
 @pytest.fixture(scope="module")
-def pool_index(pool_toy, ray_session, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("pool_run")
-    cfg = config_from_dict(pool_toy.raw_config(
+def copy_index(copy_toy, ray_session, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("copy_run")
+    cfg = config_from_dict(copy_toy.raw_config(
         run_dir, n_docs=N_DOCS, optimizer={"lr": LR}, scaling={"num_workers": 1},
-        schedule={"steps": STEPS, "batch_size": BATCH, "checkpoint_every": STEPS}))
+        schedule={"steps": STEPS, "batch_size": BATCH, "checkpoint_every": STEPS, "seed": copy_toy.seed}))
     prepare_index(cfg)
     group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root))
     yield cfg, group
@@ -49,7 +56,7 @@ def closed_book_search(queries: np.ndarray, k: int) -> SearchResult:
 def train(cfg: TrainConfig, search: Search) -> tuple[RagTrainModule, list[float]]:
     """The single-process loop: frozen query encoder, generator trained with the RAG loss."""
     torch.manual_seed(cfg.schedule.seed)
-    module = build_train_module(cfg.models, cfg.variant, train_doc_encoder=False).train()
+    module = build_train_module(cfg.models, cfg.mode, train_doc_encoder=False).train()
     module.rag.query_encoder.requires_grad_(False)  # retrieval works by title-token overlap already
     optimizer = make_optimizer(module, cfg.optimizer.lr, cfg.optimizer.weight_decay)
     examples = load_qa(cfg.data.train)
@@ -61,37 +68,30 @@ def train(cfg: TrainConfig, search: Search) -> tuple[RagTrainModule, list[float]
     return module.eval(), losses
 
 
-@pytest.fixture
-def one_thread():
-    """The figures depend on float summation order: pin it, then give the session its threads back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_rag_loss_falls_and_em_beats_closed_book(pool_index, one_thread):
-    cfg, group = pool_index
-    examples = load_qa(cfg.data.train)
-    questions, answers = [e.question for e in examples], [list(e.answers) for e in examples]
-    eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=32, num_beams=2, max_new_tokens=4)
+def test_rag_training_reads_answers_that_closed_book_cannot_know(copy_toy, copy_index):
+    cfg, group = copy_index
+    heldout = load_qa(copy_toy.heldout)
+    questions, answers = [e.question for e in heldout], [list(e.answers) for e in heldout]
+    eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=16, num_beams=2, max_new_tokens=4, decoding="thorough")
 
     def em(module: RagTrainModule, found: Retrieved | None, setting: str, n_docs: int) -> float:
         return score_predictions(predict(module.rag, questions, found, setting, n_docs, eval_cfg), answers)["em"]
 
-    rag, rag_losses = train(cfg, lambda q, k: group.search(q, k, return_vectors=True))
+    rag, rag_losses = train(cfg, partial(group.search, return_vectors=True))
     found = retrieve(rag.rag, group, questions, N_DOCS, eval_cfg.batch_size)
     passages = [[passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
                 for ts, xs in zip(found.titles, found.texts)]
-    assert recall_at_k(passages, answers, 1) == 1.0  # the answer is always in the top passage
-    rag_em, same_closed_em = em(rag, found, "rag_sequence", N_DOCS), em(rag, None, "closed_book", 1)
+    recall = recall_at_k(passages, answers, 1)
+    rag_em, own_closed_em = em(rag, found, "rag_sequence", N_DOCS), em(rag, None, "closed_book", 1)
     closed, closed_losses = train(cfg, closed_book_search)
     closed_em = em(closed, None, "closed_book", 1)
 
-    first, last, closed_last = np.mean(rag_losses[:10]), np.mean(rag_losses[-50:]), np.mean(closed_losses[-50:])
-    figures = (f"RAG loss {first:.2f} -> {last:.2f} (closed-book trained: {closed_last:.2f}); EM: RAG {rag_em:.2f}, "
-               f"its generator closed-book {same_closed_em:.2f}, closed-book trained {closed_em:.2f}")
+    first, last, closed_last = np.mean(rag_losses[:10]), np.mean(rag_losses[-20:]), np.mean(closed_losses[-20:])
+    figures = (f"held-out recall@1 {recall:.2f}; RAG loss {first:.2f} -> {last:.2f} (closed-book trained: "
+               f"{closed_last:.2f}); held-out EM: RAG {rag_em:.2f}, its generator closed-book {own_closed_em:.2f}, "
+               f"closed-book trained {closed_em:.2f}")
     print(figures)
-    assert last < 0.1 * first, figures
-    assert rag_em >= same_closed_em + 0.3, figures    # the trained generator reads the passage
-    assert rag_em > closed_em and last < closed_last, figures   # and learns faster than without one
+    assert recall >= 0.9, figures                        # the reader gets the answer's passage
+    assert last < 0.1 * first and last < closed_last, figures
+    assert rag_em >= 0.75, figures                       # it reads answers it never trained on
+    assert rag_em >= max(own_closed_em, closed_em) + 0.5, figures   # which no closed-book model knows

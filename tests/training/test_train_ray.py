@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -22,12 +21,15 @@ from training.checkpoint import read_state
 from training.config import config_from_dict
 from training.trainer import prepare_index, run_training
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 STEPS = 16
 
 
 def history_rows(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    """Rows of the JSONL history; a line still being written is left for the next read."""
+    return [json.loads(line) for line in open(path) if line.endswith("\n")] if os.path.exists(path) else []
 
 
 def fresh_index(toy_index, run_dir) -> None:
@@ -55,7 +57,7 @@ def test_refresh_beside_training_loss_falls_and_eval(toy, toy_index, tmp_path, c
 
     capsys.readouterr()
     out = tmp_path / "eval"
-    assert main(["eval", "--qa", toy.train, "--index", str(tmp_path / "index"), "--checkpoint",
+    assert main(["eval", "--qa", toy.train, "--index-root", str(tmp_path / "index"), "--checkpoint",
                  outcome.result.checkpoint.path, "--n-docs", "1", "3", "--num-beams", "2",
                  "--max-new-tokens", "3", "--history", str(outcome.history), "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -71,10 +73,11 @@ def test_refresh_beside_training_loss_falls_and_eval(toy, toy_index, tmp_path, c
 
 def test_worker_killed_resumes_from_checkpoint_elastic_one_worker(toy, toy_index, tmp_path):
     """num_workers=(1, 2) where only one worker fits; SIGKILL it mid-run; Ray Train restarts it
-    from the last checkpoint and the run ends at the right step on the right index version."""
+    from a checkpoint and the run ends at the right step on the right index version."""
     fresh_index(toy_index, tmp_path)
+    every = 2
     cfg = config_from_dict(toy.raw_config(tmp_path, max_failures=1, scaling={"num_workers": [1, 2]},
-                                          schedule={"steps": 10, "checkpoint_every": 3}))
+                                          schedule={"steps": 10, "checkpoint_every": every}))
     fits_once = {"CPU": 0.6 * ray.cluster_resources()["CPU"]}
     outcome, errors = {}, []
 
@@ -87,26 +90,32 @@ def test_worker_killed_resumes_from_checkpoint_elastic_one_worker(toy, toy_index
     runner = threading.Thread(target=fit)
     runner.start()
     history = tmp_path / "runs" / "toy" / "history.jsonl"
-    snapshot = tmp_path / "runs" / "toy" / "checkpoint_manager_snapshot.json"
-    deadline, killed, saved = time.monotonic() + 240, None, []
+    deadline, killed = time.monotonic() + 240, None
     while killed is None and time.monotonic() < deadline and runner.is_alive():
-        # kill once the controller has registered a checkpoint and the worker has stepped past it
-        saved = sorted(set(re.findall(r"step-(\d{6})", snapshot.read_text()))) if snapshot.exists() else []
-        rows = history_rows(history)
-        if saved and any(r.get("step", 0) > int(saved[-1]) and "loss" in r for r in rows):
-            killed = rows[0]["pids"][0]
+        # kill once the worker has stepped past its second checkpoint: a report returns only when
+        # Ray Train has taken the one before it, so the first checkpoint is registered by then
+        before_kill = [r["step"] for r in history_rows(history) if "loss" in r]
+        if before_kill and before_kill[-1] > 2 * every:
+            killed = history_rows(history)[0]["pids"][0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.02)
     runner.join(timeout=300)
     if errors:
         raise errors[0]
     assert killed is not None, "the run ended before the worker could be killed"
-    starts = [r for r in history_rows(history) if r.get("event") == "start"]
-    assert [s["world_size"] for s in starts] == [1, 1]
-    assert starts[1]["step"] == int(saved[-1]) and starts[1]["resumed_from"].endswith(f"step-{saved[-1]}")
+    rows = history_rows(history)
+    starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
+    assert [rows[i]["world_size"] for i in starts] == [1, 1]
+    resumed, first_run = rows[starts[1]], [r["step"] for r in rows[:starts[1]] if "loss" in r]
+    # resumed from a checkpoint the first worker saved (not from scratch), and went on from its step
+    assert resumed["step"] in range(every, max(first_run) + 1, every)
+    assert resumed["resumed_from"].endswith(f"step-{resumed['step']:06d}")
+    assert [r["step"] for r in rows[starts[1]:] if "loss" in r] == list(range(resumed["step"] + 1, 11))
     result = outcome["value"].result
     assert result.metrics["step"] == 10 and result.metrics["index_version"] == "v0001"
     assert read_state(result.checkpoint.path).step == 10
+    kept = sorted(os.path.basename(checkpoint.path) for checkpoint, _ in result.best_checkpoints)
+    assert kept == ["step-000008", "step-000010"]  # num_to_keep=2 of the checkpoints every 2 steps
 
 
 def _gradient_probe(loop_config: dict) -> None:
@@ -114,18 +123,17 @@ def _gradient_probe(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from training.loop import actor_search, forward_backward, local_slice
+    from training.loop import actor_search, forward_backward, local_slice, share_weight
     from training.modules import build_train_module
 
     cfg, examples = loop_config["config"], loop_config["examples"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    module = build_train_module(cfg.models, cfg.variant, cfg.train_doc_encoder).eval()  # no dropout
+    module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).eval()  # no dropout
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
     share = local_slice(list(range(len(examples))), rank, world)
-    weight = len(share) * world / len(examples)
     forward_backward(model, actor_search(loop_config["shard_group"]), [examples[i] for i in share], cfg.n_docs,
-                     weight)
+                     share_weight(len(share), world, len(examples)))
     if rank == 0:
         np.save(loop_config["out"], flat_grads(module))
     ray.train.report({"done": 1})
@@ -148,13 +156,13 @@ def test_two_worker_ddp_gradients_equal_full_batch(toy, toy_index, tmp_path):
     cfg = config_from_dict(toy.raw_config(tmp_path, train_doc_encoder=True, index={"root": str(toy_index)}))
     examples = load_qa(toy.train)[:5]  # odd on purpose: shares of 3 and 2
     group = ray.remote(ShardGroup).options(max_concurrency=4, num_cpus=0).remote(
-        ShardGroupConfig(index_root=str(toy_index), num_cpus_per_replica=0))
+        ShardGroupConfig(index_root=str(toy_index), shard_cpus=0))
     try:
         out = tmp_path / "ddp.npy"
         TorchTrainer(_gradient_probe, scaling_config=ScalingConfig(num_workers=2),
                      train_loop_config={"config": cfg, "examples": examples, "shard_group": group, "out": str(out)},
                      run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "runs"))).fit()
-        reference = build_train_module(cfg.models, cfg.variant, cfg.train_doc_encoder).eval()
+        reference = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).eval()
         forward_backward(reference, actor_search(group), examples, cfg.n_docs, 1.0)
     finally:
         ray.get(group.close.remote())

@@ -6,6 +6,8 @@ import torch
 
 from services.rag.decoding import (
     BeamConfig,
+    Beams,
+    beam_search,
     generated_mask,
     rag_sequence_generate,
     rag_token_generate,
@@ -18,6 +20,7 @@ from tests.services.rag.rag_fixtures import (
     hf_rag,
     random_contexts,
     tiny_bart,
+    tiny_llama,
 )
 
 VOCAB = 48
@@ -93,8 +96,83 @@ def test_rag_sequence_fast_matches_loop(case):
         assert _rows(ours) == _loop_fast(bart, ids, mask, doc_scores, k, beams, max_new)
 
 
+def test_thorough_and_fast_differ_and_match_their_references():
+    # A case where a hypothesis's score under documents that did not produce it decides the answer.
+    bart, k, beams, max_new = tiny_bart(seed=11, vocab=VOCAB), 3, 2, 5
+    ids, mask = random_contexts(2, k, VOCAB, seed=16, padded=False)
+    doc_scores = 2 * torch.randn(2, k, generator=torch.Generator().manual_seed(31))
+    hf_seq, _ = hf_rag(bart, k)
+    gen, ctx = Seq2SeqGenerator(bart, None), Contexts(ids, mask, k)
+    config = BeamConfig(num_beams=beams, max_new_tokens=max_new)
+    with torch.no_grad():
+        ref = hf_seq.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,
+                              n_docs=k, num_beams=beams, max_length=max_new + 1)
+        thorough = _rows(rag_sequence_generate(gen, ctx, doc_scores, config))  # thorough is the default
+        fast = _rows(rag_sequence_generate(gen, ctx, doc_scores, config, thorough=False))
+        assert thorough == _rows(ref[:, 1:])
+        assert fast == _loop_fast(bart, ids, mask, doc_scores, k, beams, max_new)
+    assert thorough != fast
+
+
 def test_beam_config_rejects_bad_values():
     with pytest.raises(ValueError, match="num_beams"):
         BeamConfig(num_beams=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         BeamConfig(max_new_tokens=0)
+    assert BeamConfig(num_beams=1, max_new_tokens=1).num_beams == 1  # the smallest valid settings
+
+
+def _lm_beam_search(lm, prompts: torch.Tensor, config: BeamConfig, forced_eos_id: int | None) -> Beams:
+    """beam_search with a causal LM as the step function, re-running it on the whole prefix each step."""
+    groups, n, eos = prompts.shape[0], config.num_beams, lm.config.eos_token_id
+    seqs = prompts.repeat_interleave(n, 0)  # (G*n, L)
+
+    def next_log_probs(rows: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(lm(rows).logits[:, -1], -1).view(groups, n, -1)  # (G, n, V)
+
+    def step(tokens: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        nonlocal seqs
+        rows = (torch.arange(groups)[:, None] * n + source).reshape(-1)  # (G*n,)
+        seqs = torch.cat([seqs[rows], tokens.reshape(-1, 1)], dim=1)
+        return next_log_probs(seqs)
+
+    return beam_search(next_log_probs(seqs), step, eos_id=eos, pad_id=eos, forced_eos_id=forced_eos_id,
+                       config=config)
+
+
+def _until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
+    """Rows cut after their first eos."""
+    return [row[:row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
+
+
+# Chosen so that each case decides a rule: 2·beams candidates, length penalty on finished and
+# running scores, the early-stop heuristic per group, forced eos, the max-length cut, greedy (1 beam).
+@pytest.mark.parametrize("seed,beams,length_penalty,forced_eos", [
+    (3, 2, 2.0, False), (0, 1, 0.5, False), (0, 2, 0.5, True), (2, 2, 0.5, False)])
+def test_beam_search_matches_transformers_generate(seed, beams, length_penalty, forced_eos):
+    lm = tiny_llama(10, seed=seed)
+    eos = lm.config.eos_token_id
+    prompts = torch.randint(3, 10, (3, 4), generator=torch.Generator().manual_seed(seed))  # (G, L)
+    config = BeamConfig(num_beams=beams, max_new_tokens=6, length_penalty=length_penalty)
+    with torch.no_grad():
+        ours = _lm_beam_search(lm, prompts, config, eos if forced_eos else None)
+        ref = lm.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, num_beams=beams,
+                          max_new_tokens=6, length_penalty=length_penalty, eos_token_id=eos, pad_token_id=eos,
+                          forced_eos_token_id=eos if forced_eos else None, output_scores=True,
+                          return_dict_in_generate=True)
+    assert _until_eos(ours.tokens[:, 0], eos) == _until_eos(ref.sequences[:, prompts.shape[1]:], eos)
+    if beams > 1:  # greedy search reports no sequence scores
+        torch.testing.assert_close(ours.scores[:, 0], ref.sequences_scores)
+
+
+@pytest.mark.parametrize("eos,pad", [(BART_EOS, BART_PAD), (2, 2)], ids=["seq2seq", "pad-is-eos"])
+def test_generated_mask_by_loop(eos, pad):
+    tokens = torch.randint(0, 4, (40, 6), generator=torch.Generator().manual_seed(0))  # (N, T)
+    expected = []
+    for row in tokens.tolist():
+        keep, ended = [], False
+        for tok in row:  # every token up to and including the first eos, except pads
+            keep.append(not ended and (tok != pad or tok == eos))
+            ended = ended or tok == eos
+        expected.append(keep)
+    assert generated_mask(tokens, eos, pad).tolist() == expected

@@ -10,7 +10,10 @@ import rayrag_cli
 from cluster.encoders import TextEncoder
 from cluster.passages import load_corpus, passage_text
 from services.rag import local
+from services.rag.generator import make_generator
+from services.rag.loading import load_generator
 from services.rag.local import LocalConfig, LocalRag
+from services.rag.model import default_doc_score_scale, generate_answers
 from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
 QUESTIONS = ["where is the tower", "who wrote the book"]
@@ -32,8 +35,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _config(setup: dict[str, str], **overrides) -> LocalConfig:
-    options = dict(corpus=setup["corpus"], encoder=setup["encoder"], generator=setup["generator"],
-                   cache_dir=setup["cache"], n_docs=3, num_beams=2, max_new_tokens=4)
+    options = {"corpus": setup["corpus"], "encoder": setup["encoder"], "generator": setup["generator"],
+               "cache_dir": setup["cache"], "n_docs": 3, "num_beams": 2, "max_new_tokens": 4}
     return LocalConfig(**(options | overrides))
 
 
@@ -43,10 +46,12 @@ def test_retrieval_equals_brute_force_and_vectors_are_cached(setup: dict[str, st
     encoder = TextEncoder.from_pretrained(setup["encoder"])
     docs = encoder.encode([passage_text(p) for p in load_corpus(setup["corpus"])])  # (N, d)
     np.testing.assert_allclose(rag.vectors, docs, atol=1e-5)
-    _, scores, rows = rag.retrieve(QUESTIONS)
+    found = rag.retrieve(QUESTIONS)
     brute = encoder.encode(QUESTIONS) @ docs.T  # (B, N)
-    np.testing.assert_array_equal(rows, np.argsort(-brute, axis=1, kind="stable")[:, :3])
-    np.testing.assert_allclose(scores, np.take_along_axis(brute, rows, axis=1), atol=1e-5)
+    rows = np.argsort(-brute, axis=1, kind="stable")[:, :3]  # (B, 3)
+    np.testing.assert_array_equal(found.ids, [[rag.passages[r].id for r in row] for row in rows])
+    np.testing.assert_allclose(found.scores, np.take_along_axis(brute, rows, axis=1), atol=1e-5)
+    np.testing.assert_allclose(found.doc_scores, rag.rag.doc_score_scale * found.scores, atol=1e-4)
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("document vectors should come from the cache")
@@ -55,15 +60,29 @@ def test_retrieval_equals_brute_force_and_vectors_are_cached(setup: dict[str, st
     np.testing.assert_array_equal(LocalRag.from_config(_config(setup)).vectors, rag.vectors)
 
 
-@pytest.mark.parametrize("mode", ["sequence", "token"])
-def test_ask_returns_answers_with_their_sources(setup: dict[str, str], mode: str) -> None:
-    rag = LocalRag.from_config(_config(setup, mode=mode))
-    answers = rag.ask(QUESTIONS)
-    _, scores, rows = rag.retrieve(QUESTIONS)
-    for answer, row, row_scores in zip(answers, rows, scores):
-        assert isinstance(answer.answer, str)
-        assert [s.id for s in answer.sources] == [rag.passages[r].id for r in row]
-        np.testing.assert_allclose([s.score for s in answer.sources], row_scores, atol=1e-6)
+@pytest.mark.parametrize("mode, decoding", [("sequence", "fast"), ("sequence", "thorough"),
+                                            ("token", "fast")])
+def test_ask_answers_as_the_model_does_from_brute_force_top_k(setup: dict[str, str], mode: str,
+                                                              decoding: str) -> None:
+    """The reference: brute-force top-3, scale · q·d doc scores, `generate_answers` on a generator
+    loaded apart, with the same decoding settings."""
+    answers = LocalRag.from_config(_config(setup, mode=mode, decoding=decoding)).ask(QUESTIONS)
+    passages = load_corpus(setup["corpus"])
+    encoder = TextEncoder.from_pretrained(setup["encoder"])
+    docs = encoder.encode([passage_text(p) for p in passages])  # (N, d)
+    queries = encoder.encode(QUESTIONS)  # (B, d)
+    brute = queries @ docs.T  # (B, N)
+    rows = np.argsort(-brute, axis=1, kind="stable")[:, :3]  # (B, K)
+    doc_scores = default_doc_score_scale(encoder) * np.einsum("bd,bkd->bk", queries, docs[rows])  # (B, K)
+    model, tokenizer = load_generator(setup["generator"])
+    expected = generate_answers(make_generator(model, tokenizer), QUESTIONS,
+                                [[passages[r].title for r in row] for row in rows],
+                                [[passages[r].text for r in row] for row in rows], doc_scores, mode=mode,
+                                decoding=decoding, num_beams=2, max_new_tokens=4)
+    assert [a.answer for a in answers] == expected
+    for answer, row, row_scores in zip(answers, rows, np.take_along_axis(brute, rows, axis=1)):
+        assert [s.id for s in answer.sources] == [passages[r].id for r in row]
+        np.testing.assert_allclose([s.score for s in answer.sources], row_scores, atol=1e-5)
 
 
 def test_cli_ask_prints_answer_and_sources(setup: dict[str, str], capsys: pytest.CaptureFixture) -> None:

@@ -6,7 +6,12 @@ import torch
 from transformers import BertConfig, BertModel
 
 from cluster.encoders import TextEncoder
-from services.rag.decoding import BeamConfig, generated_mask, rag_sequence_generate
+from services.rag.decoding import (
+    BeamConfig,
+    generated_mask,
+    rag_sequence_generate,
+    rag_token_generate,
+)
 from services.rag.generator import CausalGenerator, make_generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
 from services.rag.model import RagModel
@@ -80,9 +85,10 @@ def test_sequence_thorough_equals_loop_over_documents(causal):
                 hyps |= {tuple(row[len(prompt):]) for row in out.tolist()}
             doc_lp = doc_log_probs(doc_scores[b])  # (K,)
 
-            def total(h: tuple[int, ...]) -> float:
+            def total(h: tuple[int, ...], prompts=prompts, doc_lp=doc_lp) -> float:
                 keep = int(generated_mask(torch.tensor([h]), causal.eos_id, causal.pad_id).sum())
-                per_doc = torch.stack([_brute_token_log_probs(causal, p, list(h[:keep])).sum() for p in prompts])
+                per_doc = torch.stack([_brute_token_log_probs(causal, p, list(h[:keep])).sum()
+                                       for p in prompts])  # (K,)
                 return torch.logsumexp(per_doc + doc_lp, 0).item()
 
             best = max(hyps, key=total)
@@ -112,11 +118,17 @@ def _rag_model(causal: CausalGenerator) -> RagModel:
     return RagModel(encoder, causal)
 
 
+def _text(gen: CausalGenerator, row: list[int]) -> str:
+    """Generated ids → the answer: up to the first eos, special tokens dropped."""
+    row = row[:row.index(gen.eos_id)] if gen.eos_id in row else row
+    return gen.tokenizer.decode(row, skip_special_tokens=True).strip()
+
+
 def test_rag_model_loss_and_generate(causal):
     model = _rag_model(causal)
     assert model.doc_score_scale == 20.0
     doc_vectors = torch.nn.functional.normalize(torch.randn(2, 3, 16), dim=-1)  # (B, K, d)
-    loss = model.loss(QUESTIONS, ANSWERS, TITLES, TEXTS, doc_vectors.numpy(), variant="token")
+    loss = model.loss(QUESTIONS, ANSWERS, TITLES, TEXTS, doc_vectors.numpy(), mode="token")
     loss.backward()
     grads = [p.grad for p in model.query_encoder.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0  # p(z|x) carries gradient to q(x)
@@ -127,10 +139,19 @@ def test_rag_model_loss_and_generate(causal):
         expected = rag_token_nll(causal.log_probs(ctx, target, mask), scores, target,
                                  pad_id=causal.pad_id, target_mask=mask).mean()
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=0)
-    for mode, decoding in [("sequence", "thorough"), ("sequence", "fast"), ("token", "thorough")]:
-        answers = model.generate(QUESTIONS, TITLES, TEXTS, scores, mode=mode, decoding=decoding,
-                                 num_beams=2, max_new_tokens=4)
-        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    doc_scores = torch.tensor([[1.0, 1.0, -1.0], [0.3, 0.2, 0.1]])  # (B, K) the three decodings disagree here
+    config = BeamConfig(num_beams=3, max_new_tokens=5)
+    with torch.no_grad():
+        expected_tokens = {  # (B, T) each, from the decoders themselves
+            ("sequence", "thorough"): rag_sequence_generate(causal, ctx, doc_scores, config, thorough=True),
+            ("sequence", "fast"): rag_sequence_generate(causal, ctx, doc_scores, config, thorough=False),
+            ("token", "thorough"): rag_token_generate(causal, ctx, doc_scores, config)}
+    expected = {key: [_text(causal, row) for row in rows.tolist()] for key, rows in expected_tokens.items()}
+    assert len({tuple(texts) for texts in expected.values()}) == 3  # so a mix-up of modes shows
+    for (mode, decoding), texts in expected.items():
+        answers = model.generate(QUESTIONS, TITLES, TEXTS, doc_scores, mode=mode, decoding=decoding,
+                                 num_beams=config.num_beams, max_new_tokens=config.max_new_tokens)
+        assert answers == texts, (mode, decoding)
     with pytest.raises(ValueError, match="mode"):
         model.generate(QUESTIONS, TITLES, TEXTS, scores, mode="bogus")
     with pytest.raises(ValueError, match="doc_score_scale"):

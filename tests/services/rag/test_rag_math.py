@@ -70,8 +70,11 @@ def test_gathered_and_flat_inputs_agree(setup):
     torch.testing.assert_close(rag_sequence_nll(flat, doc_scores, target, pad_id=BART_PAD, n_docs=K), full_seq)
     with pytest.raises(ValueError, match="epsilon"):
         rag_token_nll(picked, doc_scores, target, pad_id=BART_PAD, epsilon=0.1)
-    with pytest.raises(ValueError, match="n_docs=5"):
+    with pytest.raises(ValueError, match="leading size 12 is not a multiple of n_docs=5"):
         rag_sequence_nll(flat, doc_scores, target, pad_id=BART_PAD, n_docs=5)
+    one_doc = log_probs[:, :1].reshape(B, *log_probs.shape[2:])  # (B*1, T, V): p(z|x) = 1
+    one = rag_sequence_nll(one_doc, doc_scores[:, :1], target, pad_id=BART_PAD, n_docs=1)
+    torch.testing.assert_close(one, -(picked[:, 0] * (target != BART_PAD)).sum(-1))
 
 
 def test_marginals_by_hand_and_doc_mask(setup):
@@ -88,6 +91,55 @@ def test_marginals_by_hand_and_doc_mask(setup):
     keep[:, 1] = True
     only_one = rag_sequence_nll(picked, doc_scores, target, pad_id=BART_PAD, doc_mask=keep)
     torch.testing.assert_close(only_one, -(torch.log(probs[:, 1]) + per_doc[:, 1]))
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("variant", ["sequence", "token"])
+def test_explicit_target_mask_matches_transformers(setup, variant, epsilon):
+    # With a mask given, it alone says what is scored: pads replaced by a real token change nothing.
+    bart, ids, mask, labels, doc_scores, target, log_probs = setup
+    loss = rag_sequence_nll if variant == "sequence" else rag_token_nll
+    ours = loss(log_probs, doc_scores, target.masked_fill(target == BART_PAD, 5), pad_id=BART_PAD,
+                target_mask=target != BART_PAD, epsilon=epsilon)
+    ref = _reference(bart, variant, ids, mask, doc_scores, labels, epsilon, False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["sequence", "token"])
+def test_bos_is_scored_unless_excluded(setup, variant):
+    # Naming bos_id alone keeps transformers' default (exclude_bos_score=False); every target starts with bos.
+    bart, ids, mask, labels, doc_scores, target, log_probs = setup
+    loss = rag_sequence_nll if variant == "sequence" else rag_token_nll
+    ours = loss(log_probs, doc_scores, target, pad_id=BART_PAD, bos_id=BART_BOS)
+    ref = _reference(bart, variant, ids, mask, doc_scores, labels, 0.0, False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_token_loss_without_bos_by_loop_from_flat_input(setup):
+    *_, doc_scores, target, log_probs = setup
+    probs = torch.softmax(doc_scores, dim=-1)  # (B, K)
+    expected = torch.zeros(B)
+    for b in range(B):
+        for t, token in enumerate(target[b].tolist()):
+            if token == BART_PAD or (t == 0 and token == BART_BOS):
+                continue
+            expected[b] -= torch.log(sum(probs[b, z] * log_probs[b, z, t, token].exp() for z in range(K)))
+    flat = log_probs.reshape(B * K, *log_probs.shape[2:])  # (B*K, T, V)
+    ours = rag_token_nll(flat, doc_scores, target, pad_id=BART_PAD, n_docs=K, exclude_bos_score=True,
+                         bos_id=BART_BOS)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gathered_input_with_smoothing_terms_matches_transformers(setup):
+    bart, ids, mask, labels, doc_scores, target, log_probs = setup
+    picked = log_probs.gather(-1, target[:, None, :, None].expand(-1, K, -1, 1)).squeeze(-1)  # (B, K, T)
+    smooth = log_probs.sum(-1)  # (B, K, T)
+    ours = rag_sequence_nll(picked, doc_scores, target, pad_id=BART_PAD, epsilon=0.1, smooth=smooth,
+                            vocab_size=VOCAB)
+    ref = _reference(bart, "sequence", ids, mask, doc_scores, labels, 0.1, False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="epsilon=0.1"):
+        rag_sequence_nll(picked, doc_scores, target, pad_id=BART_PAD, epsilon=0.1, smooth=smooth)
 
 
 def test_gradient_reaches_doc_scores(setup):

@@ -1,0 +1,114 @@
+"""The shard actors of one index version: launch, health-check, pick a live replica, restart the dead."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from cluster.shard import Shard, ShardConfig
+
+RemoteShard = ray.remote(Shard)
+
+
+@dataclass(eq=False)
+class Replica:
+    """One shard actor and what is known of it."""
+
+    handle: ray.actor.ActorHandle
+    ready: ray.ObjectRef  # health() of the freshly started actor
+    state: str = "starting"  # starting | ready | dead
+    inflight: int = 0
+    serial: int = field(default_factory=itertools.count().__next__)  # unique per started actor
+    started_at: float = field(default_factory=time.monotonic)
+    info: dict = field(default_factory=dict)
+
+
+class ReplicaSet:
+    """R replicas of each shard of one version; calls go to the least loaded live replica, and a dead
+    replica is restarted (at most once per backoff) until the set is stopped."""
+
+    def __init__(self, shards: list[ShardConfig], replicas: int, actor_options: dict[str, Any],
+                 restart_backoff_s: float) -> None:
+        self.shards, self.actor_options, self.restart_backoff_s = shards, actor_options, restart_backoff_s
+        self._lock = threading.Lock()
+        self._rotation = itertools.count()
+        self._stopped = False
+        self._rows = [[self._launch(shard) for _ in range(replicas)] for shard in range(len(shards))]
+
+    @classmethod
+    def start(cls, shards: list[ShardConfig], replicas: int, actor_options: dict[str, Any],
+              restart_backoff_s: float, timeout_s: float) -> ReplicaSet:
+        """Launch every replica and wait until all pass their health check; else stop them, ValueError."""
+        started = cls(shards, replicas, actor_options, restart_backoff_s)
+        flat = [replica for row in started._rows for replica in row]
+        try:
+            infos = ray.get([replica.ready for replica in flat], timeout=timeout_s)
+        except (RayActorError, RayTaskError, GetTimeoutError) as error:
+            started.stop()
+            cause = [line.strip() for line in str(error).splitlines() if line.strip()][-1:] or [repr(error)]
+            raise ValueError(f"index version {shards[0].version!r} refused: a shard failed to start: "
+                             f"{cause[0]}") from error
+        for replica, info in zip(flat, infos):
+            replica.state, replica.info = "ready", info
+        return started
+
+    def _launch(self, shard: int) -> Replica:
+        handle = RemoteShard.options(**self.actor_options).remote(self.shards[shard])
+        return Replica(handle=handle, ready=handle.health.remote())
+
+    def _refresh(self, shard: int) -> None:
+        """Promote started replicas, restart dead ones once their backoff is over. Holds the lock."""
+        for slot, replica in enumerate(self._rows[shard]):
+            if replica.state == "starting" and ray.wait([replica.ready], timeout=0)[0]:
+                try:
+                    replica.info, replica.state = ray.get(replica.ready), "ready"
+                except (RayActorError, RayTaskError):
+                    replica.state = "dead"
+            backoff_over = time.monotonic() - replica.started_at >= self.restart_backoff_s
+            if replica.state == "dead" and not self._stopped and backoff_over:
+                self._rows[shard][slot] = self._launch(shard)
+
+    def acquire(self, shard: int, exclude: set[int]) -> Replica | None:
+        """The least loaded live replica of `shard` not in `exclude` (serials), counted in flight."""
+        with self._lock:
+            self._refresh(shard)
+            live = [r for r in self._rows[shard] if r.state == "ready" and r.serial not in exclude]
+            if not live:
+                return None
+            turn = next(self._rotation) % len(live)
+            replica = min(live[turn:] + live[:turn], key=lambda r: r.inflight)  # rotating ties
+            replica.inflight += 1
+            return replica
+
+    def release(self, replica: Replica, died: bool) -> None:
+        """A call to `replica` ended; `died`: its actor is gone, so stop it and let it be restarted."""
+        with self._lock:
+            replica.inflight -= 1
+            if died and replica.state == "ready":
+                replica.state = "dead"
+                ray.kill(replica.handle, no_restart=True)
+
+    def states(self) -> list[list[dict]]:
+        """Per shard, per replica: state, in-flight calls, node and pid."""
+        with self._lock:
+            for shard in range(len(self._rows)):
+                self._refresh(shard)
+            return [[{"state": r.state, "inflight": r.inflight, "node_id": r.info.get("node_id"),
+                      "pid": r.info.get("pid")} for r in row] for row in self._rows]
+
+    def handles(self) -> list[list[ray.actor.ActorHandle]]:
+        return [[replica.handle for replica in row] for row in self._rows]
+
+    def stop(self) -> None:
+        """Kill every actor; nothing is restarted afterwards."""
+        with self._lock:
+            self._stopped = True
+            for row in self._rows:
+                for replica in row:
+                    ray.kill(replica.handle, no_restart=True)
+                    replica.state = "dead"

@@ -1,0 +1,60 @@
+"""The generator engine the Generator deployment runs: its interface, its request, the RAG default."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class GenerateRequest:
+    """One question with its K retrieved passages and their doc scores, and how to decode."""
+
+    question: str
+    titles: list[str]
+    texts: list[str]
+    doc_scores: list[float]  # (K,)
+    mode: str
+    decoding: str
+    num_beams: int
+    max_new_tokens: int
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys go to the engine together, in one `generate` call."""
+        return (self.mode, self.decoding, self.num_beams, self.max_new_tokens, len(self.titles))
+
+
+class Engine(Protocol):
+    """A loaded generator that answers batches; the Generator deployment owns one per replica."""
+
+    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+        """One answer per request; every request in the list has the same `batch_key()`.
+
+        Raises ValueError when the input cannot be decoded as asked (the request's fault: a
+        client error); any other exception means the engine is broken (the replica restarts).
+        """
+        ...
+
+
+EngineFactory = Callable[[str], Engine]
+"""Builds an engine from the generator's name or path (a class such as `RagEngine` is one)."""
+
+
+class RagEngine:
+    """The default engine: a Hugging Face generator decoded by RAG-Sequence or RAG-Token."""
+
+    def __init__(self, generator: str):
+        from services.rag.generator import make_generator
+        from services.rag.loading import load_generator
+
+        model, tokenizer = load_generator(generator)
+        self.generator = make_generator(model, tokenizer).eval()
+
+    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+        from services.rag.model import generate_answers
+
+        first = requests[0]
+        return generate_answers(
+            self.generator, [r.question for r in requests], [r.titles for r in requests],
+            [r.texts for r in requests], [r.doc_scores for r in requests], mode=first.mode,
+            decoding=first.decoding, num_beams=first.num_beams, max_new_tokens=first.max_new_tokens)
