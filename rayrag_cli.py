@@ -1,4 +1,5 @@
 """The `rayrag` command: each package registers its own subcommands."""
+
 from __future__ import annotations
 
 import argparse

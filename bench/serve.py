@@ -40,8 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=500, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,16", help="comma-separated levels")
-    parser.add_argument("--default-models", action="store_true",
-                        help="all-MiniLM-L6-v2 + SmolLM2-135M instead of tiny random models")
+    parser.add_argument(
+        "--default-models",
+        action="store_true",
+        help="all-MiniLM-L6-v2 + SmolLM2-135M instead of tiny random models",
+    )
     parser.add_argument("--corpus-limit", type=int, default=2000, help="passages of the default corpus")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--n-docs", type=int, default=5)
@@ -69,11 +72,13 @@ def build_index_and_models(args: argparse.Namespace, tmp: Path, app_args: dict) 
         generator = save_tiny_generator(tmp / "generator")
     passages = load_corpus("default", limit=args.corpus_limit)
     build_index(passages, tmp / "index", encoder=encoder, shards=args.shards, show_progress=False)
-    generator_args = {k: v for k, v in (app_args.get("generator") or {}).items()
-                      if k != "autoscaling_config"}
-    return {**app_args, "index": {**app_args.get("index", {}), "root": str(tmp / "index"), "follow_s": 0},
-            "models": {"query_encoder": encoder, "generator": generator},
-            "generator": {**generator_args, "num_replicas": 1}}, passages
+    generator_args = {k: v for k, v in (app_args.get("generator") or {}).items() if k != "autoscaling_config"}
+    return {
+        **app_args,
+        "index": {**app_args.get("index", {}), "root": str(tmp / "index"), "follow_s": 0},
+        "models": {"query_encoder": encoder, "generator": generator},
+        "generator": {**generator_args, "num_replicas": 1},
+    }, passages
 
 
 def deploy(app_args: dict, batching: bool) -> None:
@@ -118,15 +123,25 @@ async def load(url: str, questions: list[str], concurrency: int, body: dict) -> 
         raise RuntimeError(f"{failures} of {len(questions)} requests failed at concurrency {concurrency}")
     overhead = lat - np.array(model_ms)  # (N,) HTTP + proxy + ingress + handle hops + queueing
     proxy = lat - np.array(ingress_ms)  # (N,) the part outside the ingress replica
-    return {"concurrency": concurrency, "requests": len(questions), "failures": failures,
-            "throughput_rps": len(questions) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)),
-            "overhead_ms_p50": float(np.percentile(overhead, 50)),
-            "proxy_ms_p50": float(np.percentile(proxy, 50))}
+    return {
+        "concurrency": concurrency,
+        "requests": len(questions),
+        "failures": failures,
+        "throughput_rps": len(questions) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "overhead_ms_p50": float(np.percentile(overhead, 50)),
+        "proxy_ms_p50": float(np.percentile(proxy, 50)),
+    }
 
 
-SERVE_PROCESSES = {"ray::ProxyActor": "proxy", "bench:Ingress": "ingress",
-                   "bench:Retriever": "retriever", "ray::Shard": "shards", "bench:Generator": "generator"}
+SERVE_PROCESSES = {
+    "ray::ProxyActor": "proxy",
+    "bench:Ingress": "ingress",
+    "bench:Retriever": "retriever",
+    "ray::Shard": "shards",
+    "bench:Generator": "generator",
+}
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -148,8 +163,10 @@ def run_levels(url: str, questions: list[str], levels: list[int], body: dict, ta
     for level in levels:
         before = cpu_seconds()
         result = asyncio.run(load(url, questions, level, body))
-        cpu = {part: round((used - before[part]) * 1000 / len(questions), 1)
-               for part, used in cpu_seconds().items()}
+        cpu = {
+            part: round((used - before[part]) * 1000 / len(questions), 1)
+            for part, used in cpu_seconds().items()
+        }
         results.append({"batching": tag, **result, "cpu_ms_per_answer": cpu})
         print(json.dumps(results[-1]), flush=True)
     return results
@@ -186,7 +203,7 @@ def floor_ms_p50(url: str, questions: list[str], body: dict) -> float:
             start = time.perf_counter()
             client.post("/v1/answer", json={**body, "question": question}).raise_for_status()
             latencies.append((time.perf_counter() - start) * 1000)
-    return float(np.percentile(latencies[len(latencies) // 10:], 50))  # first 10 %: warm-up
+    return float(np.percentile(latencies[len(latencies) // 10 :], 50))  # first 10 %: warm-up
 
 
 def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch: int) -> float:
@@ -202,14 +219,20 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
     generator = make_generator(*load_generator(app_args["models"]["generator"])).eval()
     k = body["n_docs"]
     questions = [f"What is known about {p.title}?" for p in passages[:batch]]
-    titles = [[p.title for p in passages[i:i + k]] for i in range(batch)]
-    texts = [[p.text for p in passages[i:i + k]] for i in range(batch)]
+    titles = [[p.title for p in passages[i : i + k]] for i in range(batch)]
+    texts = [[p.text for p in passages[i : i + k]] for i in range(batch)]
     options = {key: body[key] for key in ("mode", "decoding", "num_beams", "max_new_tokens")}
 
     def seconds(rows: slice) -> float:
         start = time.perf_counter()
-        generate_answers(generator, questions[rows], titles[rows], texts[rows],
-                         np.zeros((len(questions[rows]), k), np.float32), **options)
+        generate_answers(
+            generator,
+            questions[rows],
+            titles[rows],
+            texts[rows],
+            np.zeros((len(questions[rows]), k), np.float32),
+            **options,
+        )
         return time.perf_counter() - start
 
     seconds(slice(0, 1))  # warm-up
@@ -230,20 +253,31 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     config = read_serve_file(args.config)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             num_cpus=max(4, os.cpu_count() or 1))
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        num_cpus=max(4, os.cpu_count() or 1),
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    body = {"n_docs": args.n_docs, "num_beams": args.num_beams,
-            "max_new_tokens": args.max_new_tokens, "mode": "sequence", "decoding": "fast"}
+    body = {
+        "n_docs": args.n_docs,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "mode": "sequence",
+        "decoding": "fast",
+    }
     with tempfile.TemporaryDirectory(prefix="rayrag-bench-") as tmp:
         app_args, passages = build_index_and_models(args, Path(tmp), config.app_args)
         rng = np.random.default_rng(0)
         picks = rng.integers(0, len(passages), args.requests)
         questions = [f"What is known about {passages[i].title}?" for i in picks]
         ceiling = generator_batching_ceiling(app_args, passages, body, max(args.levels))
-        serve.start(http_options={"host": "127.0.0.1", "port": port},
-                    controller_options=config.controller_options or None)
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            controller_options=config.controller_options or None,
+        )
         try:
             deploy(app_args, batching=True)
             on = run_levels(url, questions, args.levels, body, "on")
@@ -256,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     by_level = {r["concurrency"]: r for r in on}
     top = max(args.levels)
     summary = {
-        "models": "default" if args.default_models else "tiny", "requests": args.requests,
+        "models": "default" if args.default_models else "tiny",
+        "requests": args.requests,
         "overhead_ms_p50": by_level[min(args.levels)]["overhead_ms_p50"],
         "floor_ms_p50": floor,
         "overhead_over_floor": by_level[min(args.levels)]["overhead_ms_p50"] / floor,
-        "batching_speedup_c16" if top == 16 else f"batching_speedup_c{top}":
-            by_level[top]["throughput_rps"] / off[0]["throughput_rps"],
+        "batching_speedup_c16" if top == 16 else f"batching_speedup_c{top}": by_level[top]["throughput_rps"]
+        / off[0]["throughput_rps"],
         f"generator_batching_ceiling_b{top}": ceiling,
         "p99_ms_c8": by_level.get(8, {}).get("p99_ms"),
         "levels": on + off,

@@ -11,6 +11,7 @@ The last line printed is one JSON object.
 
     python bench/train.py --steps 30 --batch-size 8 --n-docs 4 --passages 3000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def make_data(root: Path, passages: int, seed: int = 0) -> tuple[str, str]:
 
     from cluster.encoders import default_encoder_path
 
-    vocab = [w for w in AutoTokenizer.from_pretrained(default_encoder_path()).vocab
-             if w.isalpha() and len(w) > 3]
+    vocab = [
+        w for w in AutoTokenizer.from_pretrained(default_encoder_path()).vocab if w.isalpha() and len(w) > 3
+    ]
     rng = np.random.default_rng(seed)
     docs, qa = [], []
     for i in range(passages):
@@ -83,8 +85,11 @@ def step_times(history: Path, warmup: int) -> list[tuple[int, float, str]]:
     """(step, seconds since the previous step finished, index version) after warm-up."""
     rows = [json.loads(line) for line in history.read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    return [(b["step"], b["time"] - a["time"], b["index_version"])
-            for a, b in zip(rows, rows[1:]) if b["step"] > warmup]
+    return [
+        (b["step"], b["time"] - a["time"], b["index_version"])
+        for a, b in zip(rows, rows[1:])
+        if b["step"] > warmup
+    ]
 
 
 def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
@@ -113,7 +118,9 @@ def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def refresh_windows(times: list[tuple[int, float, str]], refreshes: list[dict]) -> tuple[list[float], list[float]]:
+def refresh_windows(
+    times: list[tuple[int, float, str]], refreshes: list[dict]
+) -> tuple[list[float], list[float]]:
     """Split step times into those while a refresh was in flight and the rest."""
     busy_steps = set()
     for refresh in refreshes:
@@ -134,16 +141,26 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="rayrag-bench-train-"))
     corpus, qa = make_data(root, args.passages)
     encoder, generator = make_models(root, args.encoder, args.generator)
-    ray.init(num_cpus=args.num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=args.num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
 
     def config(name: str, steps: int, **extra):
-        raw = {"name": name, "storage_path": str(root / "runs"), "data": {"train": qa},
-               "index": {"root": str(root / f"index-{name}"), "corpus": corpus, "shard_cpus": 0},
-               "models": {"query_encoder": encoder, "doc_encoder": encoder, "generator": generator},
-               "n_docs": args.n_docs, "optimizer": {"lr": 1e-4},
-               "schedule": {"steps": steps, "batch_size": args.batch_size, "checkpoint_every": steps},
-               "scaling": {"num_workers": 1, "cpus_per_worker": args.threads}} | extra
+        raw = {
+            "name": name,
+            "storage_path": str(root / "runs"),
+            "data": {"train": qa},
+            "index": {"root": str(root / f"index-{name}"), "corpus": corpus, "shard_cpus": 0},
+            "models": {"query_encoder": encoder, "doc_encoder": encoder, "generator": generator},
+            "n_docs": args.n_docs,
+            "optimizer": {"lr": 1e-4},
+            "schedule": {"steps": steps, "batch_size": args.batch_size, "checkpoint_every": steps},
+            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+        } | extra
         return config_from_dict(raw)
 
     fixed = config("fixed", args.steps)
@@ -154,8 +171,9 @@ def main() -> None:
     plain_after = plain_loop(fixed, args.steps, args.warmup)
     plain = plain_before + plain_after
 
-    refreshing = config("refresh", args.refresh_steps, train_doc_encoder=True,
-                        refresh=f"0-:{args.refresh_every}")
+    refreshing = config(
+        "refresh", args.refresh_steps, train_doc_encoder=True, refresh=f"0-:{args.refresh_every}"
+    )
     outcome = run_training(refreshing)
     during, outside = refresh_windows(step_times(outcome.history, args.warmup), outcome.refresh["refreshes"])
     ray.shutdown()
@@ -168,11 +186,19 @@ def main() -> None:
         "step_time_ratio": statistics.median(ray_train) / statistics.median(plain),
         "steps_per_s_outside_refresh": 1 / statistics.mean(outside) if outside else None,
         "steps_per_s_during_refresh": 1 / statistics.mean(during) if during else None,
-        "throughput_during_refresh": statistics.mean(outside) / statistics.mean(during) if during and outside else None,
-        "refreshes": outcome.refresh["refreshes"], "steps_during_refresh": len(during),
-        "batch_size": args.batch_size, "n_docs": args.n_docs, "passages": args.passages,
-        "encoder": args.encoder, "generator": args.generator, "threads": args.threads,
-        "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "throughput_during_refresh": statistics.mean(outside) / statistics.mean(during)
+        if during and outside
+        else None,
+        "refreshes": outcome.refresh["refreshes"],
+        "steps_during_refresh": len(during),
+        "batch_size": args.batch_size,
+        "n_docs": args.n_docs,
+        "passages": args.passages,
+        "encoder": args.encoder,
+        "generator": args.generator,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
     }
     print(json.dumps(result))
 

@@ -1,4 +1,5 @@
 """`rayrag index …` subcommands: build an index version over a corpus, list an index root's versions."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,32 +14,45 @@ def run_build(args: argparse.Namespace) -> int:
 
     passages = load_corpus(args.corpus, limit=args.limit)
     init_ray(args.ray_address)
-    version = build_index(passages, args.index_root, encoder=args.encoder, shards=args.shards,
-                          index_type=args.index_type, batch_size=args.batch_size,
-                          num_encoders=args.encoders, publish=not args.no_publish)
-    print(f"built {version} under {args.index_root}: {len(passages)} passages, {args.shards} shards, "
-          f"index type {args.index_type!r}{'' if args.no_publish else ' (published)'}")
+    version = build_index(
+        passages,
+        args.index_root,
+        encoder=args.encoder,
+        shards=args.shards,
+        index_type=args.index_type,
+        batch_size=args.batch_size,
+        num_encoders=args.encoders,
+        publish=not args.no_publish,
+    )
+    print(
+        f"built {version} under {args.index_root}: {len(passages)} passages, {args.shards} shards, "
+        f"index type {args.index_type!r}{'' if args.no_publish else ' (published)'}"
+    )
     pin = f" --index-version {version}" if args.no_publish else ""
-    print(f"serve it with: rayrag serve --index-root {args.index_root}{pin} "
-          f"(replicas per shard: index.shard_replicas in deploy.yaml)")
+    print(
+        f"serve it with: rayrag serve --index-root {args.index_root}{pin} "
+        f"(replicas per shard: index.shard_replicas in deploy.yaml)"
+    )
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from cluster.index_store import (
-        check_index_root,
-        list_versions,
-        load_manifest,
-        published_version,
-    )
+    from cluster.index_store import check_index_root, list_versions, load_manifest, published_version
 
     check_index_root(args.index_root)
     published = published_version(args.index_root)
     for version in list_versions(args.index_root):
         manifest = load_manifest(args.index_root, version)
-        row = {"version": version, "published": version == published, "count": manifest.count,
-               "shards": len(manifest.shards), "index_type": manifest.index_type, "dim": manifest.dim,
-               "encoder": manifest.encoder, "encoder_fingerprint": manifest.encoder_fingerprint}
+        row = {
+            "version": version,
+            "published": version == published,
+            "count": manifest.count,
+            "shards": len(manifest.shards),
+            "index_type": manifest.index_type,
+            "dim": manifest.dim,
+            "encoder": manifest.encoder,
+            "encoder_fingerprint": manifest.encoder_fingerprint,
+        }
         print(json.dumps(row))
     return 0
 
@@ -57,7 +71,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     build = actions.add_parser("build", help="encode a corpus on Ray and write a new index version")
     build.add_argument("--corpus", default="default", help="default | squad-open | PATH.jsonl | PATH.json")
     build.add_argument("--shards", type=_positive, default=1)
-    build.add_argument("--index-type", default="Flat", help='FAISS factory string: "Flat", "HNSW32", "IVF4096,PQ64"')
+    build.add_argument(
+        "--index-type", default="Flat", help='FAISS factory string: "Flat", "HNSW32", "IVF4096,PQ64"'
+    )
     build.add_argument("--index-root", required=True, help="INDEX_ROOT (versions go in INDEX_ROOT/v000N)")
     build.add_argument("--encoder", default="default", help="document encoder name or path")
     build.add_argument("--encoders", type=_positive, default=1, help="encoder actors on Ray")

@@ -1,4 +1,5 @@
 """The pydantic base of rayrag's typed configs, and the one-line ValueError that names the bad key."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +8,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 from typing_extensions import Self
 
-BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),  # error type: (operator, ctx key)
-          "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),  # error type: (operator, ctx key)
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
 MAPPING_ERRORS = ("model_type", "model_attributes_type", "dict_type")
 
 
@@ -47,6 +52,9 @@ def _message(error: ErrorDetails, prefix: str) -> str:
     if kind == "literal_error":
         return f"config key '{key}' must be {ctx['expected']}, got {value!r}"
     if kind in MAPPING_ERRORS:
-        return f"config key '{key}' must be a mapping, got {value!r}" if key else \
-            f"a config must be a mapping, got {type(value).__name__}"
+        return (
+            f"config key '{key}' must be a mapping, got {value!r}"
+            if key
+            else f"a config must be a mapping, got {type(value).__name__}"
+        )
     return f"config key '{key}' has a bad value {value!r} ({error['msg']})"

@@ -1,4 +1,5 @@
 """Query/document text encoders: any Hugging Face encoder by name or path, with its pooling."""
+
 from __future__ import annotations
 
 import copy
@@ -106,7 +107,7 @@ class TextEncoder(torch.nn.Module):
         pooling: str = "auto",
         max_length: int = 256,
         normalize: bool | None = None,
-    ) -> "TextEncoder":
+    ) -> TextEncoder:
         """Load by hub name or local path ("default" = the packaged all-MiniLM-L6-v2)."""
         if pooling not in POOLINGS + ("auto",):
             raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
@@ -130,11 +131,7 @@ class TextEncoder(torch.nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Padded, truncated token ids and attention mask, each (B, T)."""
         batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 

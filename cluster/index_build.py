@@ -1,4 +1,5 @@
 """Building index versions: parallel encoding on Ray, S shards, one FAISS index per shard."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from cluster.index_store import Manifest, ShardManifest, commit_version, publish as publish_version
-from cluster.index_store import sha256_file, staging_dir
+from cluster.index_store import Manifest, ShardManifest, commit_version, sha256_file, staging_dir
+from cluster.index_store import publish as publish_version
 from cluster.passages import Passage, passage_text
 from cluster.shard import PassageTable
 
@@ -26,12 +27,15 @@ def make_faiss_index(index_type: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        raise ValueError(f"unknown or unusable index type {index_type!r} for dim {dim}: "
-                         f"{str(error).strip().splitlines()[-1]}") from error
+        raise ValueError(
+            f"unknown or unusable index type {index_type!r} for dim {dim}: "
+            f"{str(error).strip().splitlines()[-1]}"
+        ) from error
 
 
 def check_index_type(index_type: str, dims: tuple[int, ...] = (768, 384, 1024, 512, 256, 128, 64)) -> None:
-    """Reject a factory string that no common dim accepts (before any encoding; the real dim is checked later)."""
+    """Reject a factory string that no common dim accepts (before any encoding; the real dim is
+    checked later)."""
     errors = []
     for dim in dims:
         try:
@@ -78,37 +82,64 @@ def _train_and_add(index_type: str, vectors: np.ndarray, shard: int) -> faiss.In
             index.train(vectors)
         index.add(vectors)
     except RuntimeError as error:
-        raise ValueError(f"cannot build index type {index_type!r} on shard {shard} "
-                         f"({len(vectors)} vectors): {str(error).strip().splitlines()[-1]}") from error
+        raise ValueError(
+            f"cannot build index type {index_type!r} on shard {shard} "
+            f"({len(vectors)} vectors): {str(error).strip().splitlines()[-1]}"
+        ) from error
     return index
 
 
-def _write_shard(directory: Path, shard: int, index_type: str, vectors: np.ndarray,
-                 passages: Sequence[Passage]) -> ShardManifest:
+def _write_shard(
+    directory: Path, shard: int, index_type: str, vectors: np.ndarray, passages: Sequence[Passage]
+) -> ShardManifest:
     index = _train_and_add(index_type, vectors, shard)
-    files = {"index": f"shard-{shard}.faiss", "ids": f"ids-{shard}.npy",
-             "passages": f"passages-{shard}.bin", "offsets": f"offsets-{shard}.npy"}
+    files = {
+        "index": f"shard-{shard}.faiss",
+        "ids": f"ids-{shard}.npy",
+        "passages": f"passages-{shard}.bin",
+        "offsets": f"offsets-{shard}.npy",
+    }
     faiss.write_index(index, str(directory / files["index"]))
     ids = np.array([p.id for p in passages], dtype=np.int64)  # (n,)
     np.save(directory / files["ids"], ids)
-    PassageTable.write(directory / files["passages"], directory / files["offsets"],
-                       [p.title for p in passages], [p.text for p in passages])
+    PassageTable.write(
+        directory / files["passages"],
+        directory / files["offsets"],
+        [p.title for p in passages],
+        [p.text for p in passages],
+    )
     if not _stores_exact_vectors(index, vectors):
         files["vectors"] = f"vectors-{shard}.npy"
         np.save(directory / files["vectors"], vectors)
-    return ShardManifest(shard=shard, count=len(passages), id_min=int(ids.min()), id_max=int(ids.max()),
-                         files=files, sha256={name: sha256_file(directory / name) for name in files.values()})
+    return ShardManifest(
+        shard=shard,
+        count=len(passages),
+        id_min=int(ids.min()),
+        id_max=int(ids.max()),
+        files=files,
+        sha256={name: sha256_file(directory / name) for name in files.values()},
+    )
 
 
-def build_index_from_vectors(vectors: np.ndarray, passages: Sequence[Passage], index_root: str | Path, *,
-                             shards: int = 1, index_type: str = "Flat", encoder: str = "none",
-                             encoder_fingerprint: str = "", publish: bool = True,
-                             search_params: Mapping[str, float] | None = None,
-                             show_progress: bool = False) -> str:
+def build_index_from_vectors(
+    vectors: np.ndarray,
+    passages: Sequence[Passage],
+    index_root: str | Path,
+    *,
+    shards: int = 1,
+    index_type: str = "Flat",
+    encoder: str = "none",
+    encoder_fingerprint: str = "",
+    publish: bool = True,
+    search_params: Mapping[str, float] | None = None,
+    show_progress: bool = False,
+) -> str:
     """Write a new version from precomputed (N, d) vectors; returns its name (e.g. "v0002")."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise ValueError(f"vectors must be a (N, d) float32 array, got "
-                         f"{getattr(vectors, 'dtype', type(vectors))} {getattr(vectors, 'shape', '')}")
+        raise ValueError(
+            f"vectors must be a (N, d) float32 array, got "
+            f"{getattr(vectors, 'dtype', type(vectors))} {getattr(vectors, 'shape', '')}"
+        )
     if len(vectors) != len(passages):
         raise ValueError(f"{len(vectors)} vectors for {len(passages)} passages")
     make_faiss_index(index_type, vectors.shape[1])
@@ -117,12 +148,21 @@ def build_index_from_vectors(vectors: np.ndarray, passages: Sequence[Passage], i
     root.mkdir(parents=True, exist_ok=True)
     staged = staging_dir(root)
     try:
-        entries = tuple(_write_shard(staged, s, index_type, np.ascontiguousarray(vectors[a:b]), passages[a:b])
-                        for s, (a, b) in enumerate(tqdm(bounds, desc="shards", disable=not show_progress)))
-        manifest = Manifest(version="staged", encoder=encoder, encoder_fingerprint=encoder_fingerprint,
-                            dim=int(vectors.shape[1]), metric=METRIC, index_type=index_type,
-                            count=len(passages), shards=entries,
-                            search_params=dict(search_params or default_search_params(index_type)))
+        entries = tuple(
+            _write_shard(staged, s, index_type, np.ascontiguousarray(vectors[a:b]), passages[a:b])
+            for s, (a, b) in enumerate(tqdm(bounds, desc="shards", disable=not show_progress))
+        )
+        manifest = Manifest(
+            version="staged",
+            encoder=encoder,
+            encoder_fingerprint=encoder_fingerprint,
+            dim=int(vectors.shape[1]),
+            metric=METRIC,
+            index_type=index_type,
+            count=len(passages),
+            shards=entries,
+            search_params=dict(search_params or default_search_params(index_type)),
+        )
         version = commit_version(root, staged, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -153,9 +193,16 @@ class EncoderWorker:
         return self.encoder.encode(texts, batch_size=batch_size)  # (n, d) float32
 
 
-def encode_on_ray(texts: Sequence[str], encoder: str, *, num_encoders: int = 1, batch_size: int = 64,
-                  encoder_state: dict | None = None, show_progress: bool = True,
-                  check_dim: Callable[[int], object] | None = None) -> tuple[np.ndarray, tuple[str, int, str]]:
+def encode_on_ray(
+    texts: Sequence[str],
+    encoder: str,
+    *,
+    num_encoders: int = 1,
+    batch_size: int = 64,
+    encoder_state: dict | None = None,
+    show_progress: bool = True,
+    check_dim: Callable[[int], object] | None = None,
+) -> tuple[np.ndarray, tuple[str, int, str]]:
     """Encode texts with a pool of encoder actors; returns ((N, d) vectors, (name, dim, fingerprint)).
 
     `check_dim(dim)` runs once the encoder's dim is known, before any text is encoded.
@@ -172,21 +219,38 @@ def encode_on_ray(texts: Sequence[str], encoder: str, *, num_encoders: int = 1, 
         if check_dim is not None:
             check_dim(info[1])
         chunk = batch_size * 4
-        chunks = [list(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
+        chunks = [list(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
         pool = ActorPool(workers)
         results = pool.map(lambda worker, part: worker.encode.remote(part, batch_size), chunks)
-        parts = list(tqdm(results, total=len(chunks), desc=f"encoding ({num_encoders} actors)",
-                          unit="chunk", disable=not show_progress))
+        parts = list(
+            tqdm(
+                results,
+                total=len(chunks),
+                desc=f"encoding ({num_encoders} actors)",
+                unit="chunk",
+                disable=not show_progress,
+            )
+        )
     finally:
         for worker in workers:
             ray.kill(worker)
     return np.concatenate(parts).astype(np.float32, copy=False), info  # (N, d)
 
 
-def build_index(passages: Sequence[Passage], index_root: str | Path, *, encoder: str = "default",
-                shards: int = 1, index_type: str = "Flat", batch_size: int = 64, num_encoders: int = 1,
-                encoder_state: dict | None = None, publish: bool = True,
-                search_params: Mapping[str, float] | None = None, show_progress: bool = True) -> str:
+def build_index(
+    passages: Sequence[Passage],
+    index_root: str | Path,
+    *,
+    encoder: str = "default",
+    shards: int = 1,
+    index_type: str = "Flat",
+    batch_size: int = 64,
+    num_encoders: int = 1,
+    encoder_state: dict | None = None,
+    publish: bool = True,
+    search_params: Mapping[str, float] | None = None,
+    show_progress: bool = True,
+) -> str:
     """Encode passages on Ray, shard them, write and (optionally) publish a version; returns its name."""
     if not passages:
         raise ValueError("cannot build an index over an empty corpus")
@@ -196,9 +260,23 @@ def build_index(passages: Sequence[Passage], index_root: str | Path, *, encoder:
     shard_bounds(len(passages), shards)
     check_index_type(index_type)
     vectors, (name, _, fingerprint) = encode_on_ray(
-        [passage_text(p) for p in passages], encoder, num_encoders=num_encoders, batch_size=batch_size,
-        encoder_state=encoder_state, show_progress=show_progress,
-        check_dim=lambda dim: make_faiss_index(index_type, dim))
-    return build_index_from_vectors(vectors, passages, index_root, shards=shards, index_type=index_type,
-                                    encoder=name, encoder_fingerprint=fingerprint, publish=publish,
-                                    search_params=search_params, show_progress=show_progress)
+        [passage_text(p) for p in passages],
+        encoder,
+        num_encoders=num_encoders,
+        batch_size=batch_size,
+        encoder_state=encoder_state,
+        show_progress=show_progress,
+        check_dim=lambda dim: make_faiss_index(index_type, dim),
+    )
+    return build_index_from_vectors(
+        vectors,
+        passages,
+        index_root,
+        shards=shards,
+        index_type=index_type,
+        encoder=name,
+        encoder_fingerprint=fingerprint,
+        publish=publish,
+        search_params=search_params,
+        show_progress=show_progress,
+    )

@@ -1,4 +1,5 @@
 """On-disk index versions: manifest, checksums, atomic commit and publish via a pointer file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
+    def from_dict(cls, data: dict) -> Manifest:
         shards = tuple(ShardManifest(**shard) for shard in data.pop("shards"))
         return cls(shards=shards, **data)
 
@@ -83,7 +84,9 @@ def check_index_root(root: str | Path) -> Path:
     """Raise ValueError naming `root` unless it holds at least one complete version."""
     path = Path(root)
     if not path.is_dir() or not list_versions(path):
-        raise ValueError(f"{str(root)!r} is not an index root (no complete version directory v000N/{MANIFEST})")
+        raise ValueError(
+            f"{str(root)!r} is not an index root (no complete version directory v000N/{MANIFEST})"
+        )
     return path
 
 
@@ -116,8 +119,10 @@ def verify_shard_files(directory: str | Path, shard: ShardManifest) -> None:
             raise ValueError(f"shard {shard.shard}: file {str(path)!r} is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise ValueError(f"shard {shard.shard}: checksum mismatch for {str(path)!r} "
-                             f"(manifest {expected[:12]}…, file {actual[:12]}…)")
+            raise ValueError(
+                f"shard {shard.shard}: checksum mismatch for {str(path)!r} "
+                f"(manifest {expected[:12]}…, file {actual[:12]}…)"
+            )
 
 
 def staging_dir(root: str | Path) -> Path:

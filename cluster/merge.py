@@ -1,4 +1,5 @@
 """Merging per-shard top-k lists and their payloads into the global top-k (pure numpy, no Ray)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,9 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)  # total_ms, max_shard_ms
 
 
-def merge_topk(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def merge_topk(
+    scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Global top-k over shards' (B, k_s) score/id lists (ids -1 = no hit).
 
     Returns scores (B, k), ids (B, k), and for each slot the part it came from and
@@ -69,8 +71,15 @@ def merge_hits(hits: Sequence[ShardHits], k: int, coverage: float, return_vector
     titles = [[hits[p].titles[b][c] if p >= 0 else "" for p, c in row] for b, row in enumerate(slots)]
     texts = [[hits[p].texts[b][c] if p >= 0 else "" for p, c in row] for b, row in enumerate(slots)]
     vectors = _gather_vectors(hits, part, column) if return_vectors else None
-    return SearchResult(scores=scores, ids=ids, titles=titles, texts=texts, vectors=vectors,
-                        version=version, coverage=coverage)
+    return SearchResult(
+        scores=scores,
+        ids=ids,
+        titles=titles,
+        texts=texts,
+        vectors=vectors,
+        version=version,
+        coverage=coverage,
+    )
 
 
 def _gather_vectors(hits: Sequence[ShardHits], part: np.ndarray, column: np.ndarray) -> np.ndarray:

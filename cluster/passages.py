@@ -1,4 +1,5 @@
 """Corpora: loading, and chunking documents into ≤100-word passages with stable ids."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """The shard actors of one index version: launch, health-check, pick a live replica, restart the dead."""
+
 from __future__ import annotations
 
 import itertools
@@ -32,8 +33,13 @@ class ReplicaSet:
     """R replicas of each shard of one version; calls go to the least loaded live replica, and a dead
     replica is restarted (at most once per backoff) until the set is stopped."""
 
-    def __init__(self, shards: list[ShardConfig], replicas: int, actor_options: dict[str, Any],
-                 restart_backoff_s: float) -> None:
+    def __init__(
+        self,
+        shards: list[ShardConfig],
+        replicas: int,
+        actor_options: dict[str, Any],
+        restart_backoff_s: float,
+    ) -> None:
         self.shards, self.actor_options, self.restart_backoff_s = shards, actor_options, restart_backoff_s
         self._lock = threading.Lock()
         self._rotation = itertools.count()
@@ -41,8 +47,14 @@ class ReplicaSet:
         self._rows = [[self._launch(shard) for _ in range(replicas)] for shard in range(len(shards))]
 
     @classmethod
-    def start(cls, shards: list[ShardConfig], replicas: int, actor_options: dict[str, Any],
-              restart_backoff_s: float, timeout_s: float) -> ReplicaSet:
+    def start(
+        cls,
+        shards: list[ShardConfig],
+        replicas: int,
+        actor_options: dict[str, Any],
+        restart_backoff_s: float,
+        timeout_s: float,
+    ) -> ReplicaSet:
         """Launch every replica and wait until all pass their health check; else stop them, ValueError."""
         started = cls(shards, replicas, actor_options, restart_backoff_s)
         flat = [replica for row in started._rows for replica in row]
@@ -51,8 +63,9 @@ class ReplicaSet:
         except (RayActorError, RayTaskError, GetTimeoutError) as error:
             started.stop()
             cause = [line.strip() for line in str(error).splitlines() if line.strip()][-1:] or [repr(error)]
-            raise ValueError(f"index version {shards[0].version!r} refused: a shard failed to start: "
-                             f"{cause[0]}") from error
+            raise ValueError(
+                f"index version {shards[0].version!r} refused: a shard failed to start: {cause[0]}"
+            ) from error
         for replica, info in zip(flat, infos):
             replica.state, replica.info = "ready", info
         return started
@@ -98,8 +111,18 @@ class ReplicaSet:
         with self._lock:
             for shard in range(len(self._rows)):
                 self._refresh(shard)
-            return [[{"state": r.state, "inflight": r.inflight, "node_id": r.info.get("node_id"),
-                      "pid": r.info.get("pid")} for r in row] for row in self._rows]
+            return [
+                [
+                    {
+                        "state": r.state,
+                        "inflight": r.inflight,
+                        "node_id": r.info.get("node_id"),
+                        "pid": r.info.get("pid"),
+                    }
+                    for r in row
+                ]
+                for row in self._rows
+            ]
 
     def handles(self) -> list[list[ray.actor.ActorHandle]]:
         return [[replica.handle for replica in row] for row in self._rows]

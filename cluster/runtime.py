@@ -1,4 +1,5 @@
-"""Joining Ray for the `rayrag` commands: the cluster named by an address or $RAY_ADDRESS, else a local Ray on loopback."""
+"""Joining Ray for `rayrag`: the cluster at an address or $RAY_ADDRESS, else a local Ray on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -18,5 +19,10 @@ def init_ray(address: str | None = None, log_to_driver: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=WORKER_ENV)
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=log_to_driver, runtime_env=WORKER_ENV)
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            runtime_env=WORKER_ENV,
+        )

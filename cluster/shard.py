@@ -1,4 +1,5 @@
 """One shard of one index version: memory-mapped FAISS index, passage table, top-k search."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ class PassageTable:
         return (bytes(self.blob[start:middle]).decode("utf-8"), bytes(self.blob[middle:end]).decode("utf-8"))
 
     @staticmethod
-    def write(blob_path: str | Path, offsets_path: str | Path, titles: Sequence[str],
-              texts: Sequence[str]) -> None:
+    def write(
+        blob_path: str | Path, offsets_path: str | Path, titles: Sequence[str], texts: Sequence[str]
+    ) -> None:
         offsets = np.zeros((len(titles), 3), dtype=np.int64)  # (n, 3)
         position = 0
         with open(blob_path, "wb") as blob:
@@ -45,8 +47,11 @@ class PassageTable:
                 title_bytes, text_bytes = title.encode("utf-8"), text.encode("utf-8")
                 blob.write(title_bytes)
                 blob.write(text_bytes)
-                offsets[row] = (position, position + len(title_bytes),
-                                position + len(title_bytes) + len(text_bytes))
+                offsets[row] = (
+                    position,
+                    position + len(title_bytes),
+                    position + len(title_bytes) + len(text_bytes),
+                )
                 position = int(offsets[row, 2])
         np.save(offsets_path, offsets)
 
@@ -61,7 +66,9 @@ class ShardConfig(Config):
     faiss_threads: int = Field(1, ge=1)
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 128}
     verify_checksums: bool = True
-    blas_threshold: int | None = Field(None, ge=1)  # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
+    blas_threshold: int | None = Field(
+        None, ge=1
+    )  # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
 
 
 @dataclass
@@ -85,7 +92,9 @@ def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None
         try:
             space.set_index_parameter(index, name, float(value))
         except RuntimeError as error:
-            raise ValueError(f"search parameter {name}={value!r} does not apply to this index: {error}") from error
+            raise ValueError(
+                f"search parameter {name}={value!r} does not apply to this index: {error}"
+            ) from error
 
 
 class Shard:
@@ -96,7 +105,9 @@ class Shard:
         self.uss_at_start = read_smaps_rollup(os.getpid())["Uss"]
         manifest = load_manifest(config.index_root, config.version)
         if config.shard >= len(manifest.shards):
-            raise ValueError(f"shard {config.shard} not in version {config.version} ({len(manifest.shards)} shards)")
+            raise ValueError(
+                f"shard {config.shard} not in version {config.version} ({len(manifest.shards)} shards)"
+            )
         self.manifest, self.entry = manifest, manifest.shards[config.shard]
         directory = version_dir(config.index_root, config.version)
         if config.verify_checksums:
@@ -111,8 +122,10 @@ class Shard:
         self.table = PassageTable(files["passages"], files["offsets"])
         self.vectors = np.load(files["vectors"], mmap_mode="r") if "vectors" in files else None  # (n, d)
         if not (self.index.ntotal == len(self.ids) == len(self.table) == self.entry.count):
-            raise ValueError(f"shard {config.shard} of {config.version}: index holds {self.index.ntotal} vectors, "
-                             f"ids {len(self.ids)}, passages {len(self.table)}, manifest {self.entry.count}")
+            raise ValueError(
+                f"shard {config.shard} of {config.version}: index holds {self.index.ntotal} vectors, "
+                f"ids {len(self.ids)}, passages {len(self.table)}, manifest {self.entry.count}"
+            )
 
     def _stored_vectors(self, rows: np.ndarray) -> np.ndarray:
         flat = rows.reshape(-1)  # (B*k,)
@@ -133,10 +146,13 @@ class Shard:
         pairs = [[self.table.get(r) if r >= 0 else ("", "") for r in row] for row in rows]
         vectors = self._stored_vectors(rows) if return_vectors else None
         return ShardHits(
-            scores=scores, ids=ids,
+            scores=scores,
+            ids=ids,
             titles=[[title for title, _ in row] for row in pairs],
             texts=[[text for _, text in row] for row in pairs],
-            vectors=vectors, version=self.config.version, shard=self.config.shard,
+            vectors=vectors,
+            version=self.config.version,
+            shard=self.config.shard,
             search_ms=(time.perf_counter() - start) * 1e3,
         )
 
@@ -144,9 +160,15 @@ class Shard:
         """Raise if the index cannot answer; else describe this replica."""
         probe = np.zeros((1, self.manifest.dim), dtype=np.float32)
         self.index.search(probe, 1)
-        return {"version": self.config.version, "shard": self.config.shard, "count": self.entry.count,
-                "pid": os.getpid(), "node_id": _ray_node_id(), "faiss_threads": faiss.omp_get_max_threads(),
-                "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold)}
+        return {
+            "version": self.config.version,
+            "shard": self.config.shard,
+            "count": self.entry.count,
+            "pid": os.getpid(),
+            "node_id": _ray_node_id(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold),
+        }
 
     def memory(self) -> dict[str, int]:
         """This process's memory in bytes (/proc/self/smaps_rollup) plus its USS before loading the shard."""

@@ -1,4 +1,5 @@
 """S shards × R replicas of one index version on Ray: fan-out search, merge, failover, hot swap."""
+
 from __future__ import annotations
 
 import threading
@@ -29,7 +30,9 @@ class ShardGroupConfig(Config):
     index_root: str
     replicas: int = Field(1, ge=1)
     faiss_threads: int = Field(1, ge=1)
-    blas_threshold: int | None = Field(None, ge=1)  # FAISS's distance_compute_blas_threshold in the shard actors
+    blas_threshold: int | None = Field(
+        None, ge=1
+    )  # FAISS's distance_compute_blas_threshold in the shard actors
     allow_partial: bool = True
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 256}
     shard_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved per shard replica
@@ -83,9 +86,18 @@ class ShardGroup:
     def _start_route(self, version: str, manifest: Manifest) -> _Route:
         """Start every replica of `version` and wait until all pass their health check."""
         cfg = self.config
-        shards = [ShardConfig(index_root=cfg.index_root, version=version, shard=shard, faiss_threads=cfg.faiss_threads,
-                              blas_threshold=cfg.blas_threshold, search_params=cfg.search_params,
-                              verify_checksums=cfg.verify_checksums) for shard in range(len(manifest.shards))]
+        shards = [
+            ShardConfig(
+                index_root=cfg.index_root,
+                version=version,
+                shard=shard,
+                faiss_threads=cfg.faiss_threads,
+                blas_threshold=cfg.blas_threshold,
+                search_params=cfg.search_params,
+                verify_checksums=cfg.verify_checksums,
+            )
+            for shard in range(len(manifest.shards))
+        ]
         options: dict = {"num_cpus": cfg.shard_cpus, "max_concurrency": 2}
         if cfg.spread:
             options["scheduling_strategy"] = "SPREAD"
@@ -95,20 +107,26 @@ class ShardGroup:
     # ---- search ------------------------------------------------------------------------
     def _check_queries(self, queries: np.ndarray, k: int, dim: int) -> None:
         if not isinstance(queries, np.ndarray) or queries.dtype != np.float32:
-            raise ValueError(f"queries must be a float32 numpy array, got "
-                             f"{getattr(queries, 'dtype', type(queries).__name__)}")
+            raise ValueError(
+                f"queries must be a float32 numpy array, got "
+                f"{getattr(queries, 'dtype', type(queries).__name__)}"
+            )
         if queries.ndim != 2 or queries.shape[1] != dim or queries.shape[0] == 0:
             raise ValueError(f"queries must have shape (B ≥ 1, {dim}), got {queries.shape}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
 
-    def _fan_out(self, route: _Route, queries: np.ndarray, k: int, return_vectors: bool) -> list[ShardHits | None]:
+    def _fan_out(
+        self, route: _Route, queries: np.ndarray, k: int, return_vectors: bool
+    ) -> list[ShardHits | None]:
         """One replica per shard in parallel; a failed call moves to another replica of that shard."""
         shards = len(route.manifest.shards)
         hits: list[ShardHits | None] = [None] * shards
         tried: list[set[int]] = [set() for _ in range(shards)]
         pending: dict[ray.ObjectRef, tuple[int, Replica]] = {}
-        query_ref = ray.put(queries) if queries.nbytes > INLINE_QUERY_BYTES else queries  # one copy for S shards
+        query_ref = (
+            ray.put(queries) if queries.nbytes > INLINE_QUERY_BYTES else queries
+        )  # one copy for S shards
 
         def submit(shard: int) -> None:
             replica = route.replicas.acquire(shard, tried[shard])
@@ -158,18 +176,24 @@ class ShardGroup:
             missing = [s for s, h in enumerate(hits) if h is None]
             raise ShardUnavailableError(f"index {route.version}: no live replica for shards {missing}")
         result = merge_hits(answered, int(k), coverage, return_vectors)
-        result.timings = {"total_ms": (time.perf_counter() - start) * 1e3,
-                          "max_shard_ms": max(h.search_ms for h in answered)}
+        result.timings = {
+            "total_ms": (time.perf_counter() - start) * 1e3,
+            "max_shard_ms": max(h.search_ms for h in answered),
+        }
         return result
 
     # ---- versions and health ---------------------------------------------------------------
     def _check_compatible(self, manifest: Manifest) -> None:
         current = self._route.manifest
         if manifest.dim != current.dim:
-            raise ValueError(f"index version {manifest.version!r} refused: dim {manifest.dim} != serving dim {current.dim}")
+            raise ValueError(
+                f"index version {manifest.version!r} refused: dim {manifest.dim} != serving dim {current.dim}"
+            )
         if manifest.encoder != current.encoder:
-            raise ValueError(f"index version {manifest.version!r} refused: encoder {manifest.encoder!r} "
-                             f"!= serving encoder {current.encoder!r}")
+            raise ValueError(
+                f"index version {manifest.version!r} refused: encoder {manifest.encoder!r} "
+                f"!= serving encoder {current.encoder!r}"
+            )
 
     def swap(self, version: str) -> None:
         """Start, check and health-check `version`, switch to it, drain and stop the old actors."""

@@ -1,4 +1,5 @@
 """Shared fixtures: one Ray instance for the whole test session, bound to loopback."""
+
 from __future__ import annotations
 
 import os

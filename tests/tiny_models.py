@@ -1,4 +1,5 @@
-"""Seeded random tiny encoders and generators, built offline from configs: what the tests and benches run on."""
+"""Seeded random tiny encoders and generators built offline from configs, for the tests and benches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,12 @@ def tiny_tokenizer(kind: str) -> PreTrainedTokenizerBase:
         single=single, pair=f"{single} $B", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
-        unk_token="[UNK]", model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=backend,
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 
@@ -71,17 +76,28 @@ def save_tiny_generator(
     )
     if kind == "causal":
         config = transformers.LlamaConfig(
-            hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, **ids,
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **ids,
         )
         model_cls = transformers.LlamaForCausalLM
     else:
         config = transformers.BartConfig(
-            d_model=dim, encoder_layers=layers if encoder_layers is None else encoder_layers,
-            decoder_layers=layers, encoder_ffn_dim=2 * dim, decoder_ffn_dim=2 * dim,
-            encoder_attention_heads=2, decoder_attention_heads=2,
-            max_position_embeddings=512, decoder_start_token_id=ids["eos_token_id"],
-            forced_bos_token_id=None, **ids,
+            d_model=dim,
+            encoder_layers=layers if encoder_layers is None else encoder_layers,
+            decoder_layers=layers,
+            encoder_ffn_dim=2 * dim,
+            decoder_ffn_dim=2 * dim,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            max_position_embeddings=512,
+            decoder_start_token_id=ids["eos_token_id"],
+            forced_bos_token_id=None,
+            **ids,
         )
         model_cls = transformers.BartForConditionalGeneration
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
 """Training checkpoints: safetensors weights, optimiser state, step and the index version trained against."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,27 @@ WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
 
 @dataclass(frozen=True)
 class TrainState:
-    step: int                  # optimiser steps completed
-    index_version: str         # the index version the weights were trained against
-    models: dict[str, str]     # query_encoder / doc_encoder / generator → the name it started from
-    doc_encoder_trained: bool = False   # the weights hold a document encoder too
+    step: int  # optimiser steps completed
+    index_version: str  # the index version the weights were trained against
+    models: dict[str, str]  # query_encoder / doc_encoder / generator → the name it started from
+    doc_encoder_trained: bool = False  # the weights hold a document encoder too
 
 
 def _flat_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """One flat 'component.param' dict; tensors cloned so tied weights save separately."""
-    return {f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
-            for name, module in modules.items() for key, value in module.state_dict().items()}
+    return {
+        f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
 
 
-def save_checkpoint(directory: str | Path, modules: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None, state: TrainState) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    state: TrainState,
+) -> Path:
     """Write weights, optimiser state and the train state into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -46,20 +54,26 @@ def read_state(directory: str | Path) -> TrainState:
 
 def check_compatible(weights: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]) -> None:
     """ValueError naming the first parameter that is missing, extra or of another shape."""
-    expected = {f"{name}.{key}": tuple(value.shape)
-                for name, module in modules.items() for key, value in module.state_dict().items()}
+    expected = {
+        f"{name}.{key}": tuple(value.shape)
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
     for key in sorted(set(expected) | set(weights)):
         if key not in weights:
             raise ValueError(f"incompatible checkpoint: it lacks parameter {key!r}")
         if key not in expected:
             raise ValueError(f"incompatible checkpoint: unexpected parameter {key!r}")
         if tuple(weights[key].shape) != expected[key]:
-            raise ValueError(f"incompatible checkpoint: parameter {key!r} has shape "
-                             f"{tuple(weights[key].shape)}, the model has {expected[key]}")
+            raise ValueError(
+                f"incompatible checkpoint: parameter {key!r} has shape "
+                f"{tuple(weights[key].shape)}, the model has {expected[key]}"
+            )
 
 
-def load_checkpoint(directory: str | Path, modules: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None = None) -> TrainState:
+def load_checkpoint(
+    directory: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None = None
+) -> TrainState:
     """Restore weights (and optimiser state when given) in place; return the train state.
 
     A checkpoint from another model (a parameter missing, extra or reshaped) is a ValueError."""
@@ -68,7 +82,7 @@ def load_checkpoint(directory: str | Path, modules: dict[str, torch.nn.Module],
     check_compatible(weights, modules)
     for name, module in modules.items():
         prefix = name + "."
-        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     if optimizer is not None:
         load_optimizer_state(directory, optimizer)
     return state

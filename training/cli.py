@@ -1,4 +1,5 @@
 """`rayrag train` and `rayrag eval`: the training package's subcommands."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from cluster.runtime import init_ray
 if TYPE_CHECKING:
     from training.modules import RagTrainModule
 
+
 def run_train(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.trainer import run_training
@@ -21,10 +23,19 @@ def run_train(args: argparse.Namespace) -> int:
     outcome = run_training(cfg)
     metrics = outcome.result.metrics or {}
     checkpoint = outcome.result.checkpoint
-    print(json.dumps({"name": cfg.name, "step": metrics.get("step"), "loss": metrics.get("loss"),
-                      "index_version": metrics.get("index_version"),
-                      "checkpoint": checkpoint.path if checkpoint else None,
-                      "history": str(outcome.history), "refreshes": outcome.refresh["refreshes"]}))
+    print(
+        json.dumps(
+            {
+                "name": cfg.name,
+                "step": metrics.get("step"),
+                "loss": metrics.get("loss"),
+                "index_version": metrics.get("index_version"),
+                "checkpoint": checkpoint.path if checkpoint else None,
+                "history": str(outcome.history),
+                "refreshes": outcome.refresh["refreshes"],
+            }
+        )
+    )
     return 0
 
 
@@ -40,8 +51,14 @@ def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: s
     if module.doc_encoder is not None:
         state = {k: v.detach().cpu() for k, v in module.doc_encoder.state_dict().items()}
     root = out / "index"
-    build_index(load_corpus(args.corpus, args.corpus_limit), root, encoder=doc_encoder,
-                encoder_state=state, publish=True, show_progress=False)
+    build_index(
+        load_corpus(args.corpus, args.corpus_limit),
+        root,
+        encoder=doc_encoder,
+        encoder_state=state,
+        publish=True,
+        show_progress=False,
+    )
     return str(root)
 
 
@@ -50,18 +67,19 @@ def run_eval(args: argparse.Namespace) -> int:
     from cluster.shard_group import ShardGroup, ShardGroupConfig
     from training.config import ModelsConfig
     from training.data import load_qa
-    from training.evaluate import (
-        SETTINGS,
-        EvalConfig,
-        evaluate,
-        summary_line,
-        write_plots,
-    )
+    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, write_plots
     from training.modules import build_train_module, load_trained
 
-    cfg = EvalConfig.parse({"n_docs": sorted(set(args.n_docs)), "settings": args.settings or SETTINGS,
-                            "batch_size": args.batch_size, "num_beams": args.num_beams,
-                            "max_new_tokens": args.max_new_tokens, "decoding": args.decoding})
+    cfg = EvalConfig.parse(
+        {
+            "n_docs": sorted(set(args.n_docs)),
+            "settings": args.settings or SETTINGS,
+            "batch_size": args.batch_size,
+            "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens,
+            "decoding": args.decoding,
+        }
+    )
     examples = load_qa(args.qa)[: args.limit]
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -69,14 +87,17 @@ def run_eval(args: argparse.Namespace) -> int:
         module, state = load_trained(args.checkpoint)
         doc_encoder = state.models["doc_encoder"]
     else:
-        models = ModelsConfig(query_encoder=args.query_encoder, doc_encoder=args.doc_encoder,
-                              generator=args.generator)
+        models = ModelsConfig(
+            query_encoder=args.query_encoder, doc_encoder=args.doc_encoder, generator=args.generator
+        )
         module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
     init_ray()
     root = _eval_index(args, module, doc_encoder, out)
     group = ShardGroup(ShardGroupConfig(index_root=root))
     try:
-        report = evaluate(module.rag, group, examples, cfg, load_manifest(root, resolve_version(root, None)).count)
+        report = evaluate(
+            module.rag, group, examples, cfg, load_manifest(root, resolve_version(root, None)).count
+        )
     finally:
         group.close()
     report["plots"] = write_plots(report, out, args.history)
@@ -102,7 +123,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("eval", help="EM / F1 / recall@k: closed-book, RAG-Token, RAG-Sequence")
-    parser.add_argument("--qa", required=True, help="SQuAD-format .json, JSONL {question, answers}, or squad-dev")
+    parser.add_argument(
+        "--qa", required=True, help="SQuAD-format .json, JSONL {question, answers}, or squad-dev"
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--index-root", help="INDEX_ROOT to search (its published version)")
     where.add_argument("--corpus", help="corpus spec to index first: default | squad-open | PATH")
@@ -112,14 +135,22 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--doc-encoder", default="default")
     parser.add_argument("--generator", default="default")
     parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument("--settings", nargs="+", default=None,
-                        help="some of closed_book rag_token rag_sequence (default: all three)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="some of closed_book rag_token rag_sequence (default: all three)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--decoding", choices=("thorough", "fast"), default="fast",
-                        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)")
+    parser.add_argument(
+        "--decoding",
+        choices=("thorough", "fast"),
+        default="fast",
+        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
+    )
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
     parser.add_argument("--out", help="folder for report.json and the PNG plots")
     parser.set_defaults(run=run_eval)
@@ -133,5 +164,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     _add_eval(subcommands)
     export = subcommands.add_parser("export", help="a training checkpoint → Hugging Face folders to serve")
     export.add_argument("--checkpoint", required=True, help="a training checkpoint folder")
-    export.add_argument("--out", required=True, help="folder for query_encoder/, generator/ (and doc_encoder/)")
+    export.add_argument(
+        "--out", required=True, help="folder for query_encoder/, generator/ (and doc_encoder/)"
+    )
     export.set_defaults(run=run_export)

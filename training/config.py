@@ -1,4 +1,5 @@
 """The training config: typed pydantic models loaded from YAML, validated before any worker starts."""
+
 from __future__ import annotations
 
 import re
@@ -10,7 +11,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cluster.config import Config
 
-BUILTIN_QA = "squad-dev"          # load_qa's name for SQuAD v1.1 dev
+BUILTIN_QA = "squad-dev"  # load_qa's name for SQuAD v1.1 dev
 Mode = Literal["sequence", "token"]
 
 
@@ -21,7 +22,7 @@ class Section(Config):
 
 
 class DataConfig(Section):
-    train: str                    # JSONL {question, answers}, SQuAD json, or "squad-dev"
+    train: str  # JSONL {question, answers}, SQuAD json, or "squad-dev"
     eval: str | None = None
 
     @field_validator("train", "eval")
@@ -33,13 +34,13 @@ class DataConfig(Section):
 
 
 class IndexConfig(Section):
-    root: str                     # INDEX_ROOT with v000N/ versions and a published pointer
-    corpus: str = "default"       # load_corpus spec, used for the first build and for refreshes
+    root: str  # INDEX_ROOT with v000N/ versions and a published pointer
+    corpus: str = "default"  # load_corpus spec, used for the first build and for refreshes
     corpus_limit: int | None = Field(None, ge=1)
     shards: int = Field(1, ge=1)
-    shard_cpus: float = Field(1.0, ge=0)     # CPUs each shard actor reserves
-    refresh_encoders: int = Field(0, ge=0)   # 0: re-encode inside the refresher actor at low priority
-                                             # (no start-up cost); N: a pool of N Ray encoder actors
+    shard_cpus: float = Field(1.0, ge=0)  # CPUs each shard actor reserves
+    refresh_encoders: int = Field(0, ge=0)  # 0: re-encode inside the refresher actor at low priority
+    # (no start-up cost); N: a pool of N Ray encoder actors
 
 
 class ModelsConfig(Section):
@@ -51,18 +52,18 @@ class ModelsConfig(Section):
 class OptimizerConfig(Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)      # max global grad norm; 0 disables clipping
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables clipping
 
 
 class ScheduleConfig(Section):
     steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)            # global batch: split across the workers of a step
+    batch_size: int = Field(ge=1)  # global batch: split across the workers of a step
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
 
 
 class ScalingSection(Section):
-    num_workers: int | list[int] = 1         # fixed, or [min, max] for elastic training
+    num_workers: int | list[int] = 1  # fixed, or [min, max] for elastic training
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
 
@@ -70,8 +71,12 @@ class ScalingSection(Section):
     @classmethod
     def _worker_range(cls, value: Any) -> Any:
         bounds = [value, value] if type(value) is int else value
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(type(b) is int for b in bounds)
-                and 1 <= bounds[0] <= bounds[1]):
+        if not (
+            isinstance(bounds, list)
+            and len(bounds) == 2
+            and all(type(b) is int for b in bounds)
+            and 1 <= bounds[0] <= bounds[1]
+        ):
             raise ValueError(f"must be n >= 1 or [min, max] with 1 <= min <= max, got {value!r}")
         return value
 
@@ -96,8 +101,8 @@ class TrainConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     n_docs: int = Field(5, ge=1)
-    mode: Mode = "sequence"       # RAG-Sequence or RAG-Token loss
-    refresh: str = ""             # "0-1000:100,1000-:500"; empty: never
+    mode: Mode = "sequence"  # RAG-Sequence or RAG-Token loss
+    refresh: str = ""  # "0-1000:100,1000-:500"; empty: never
     train_doc_encoder: bool = False
     max_failures: int = Field(0, ge=-1)
 
@@ -105,8 +110,10 @@ class TrainConfig(Section):
     def _check_across_keys(self) -> TrainConfig:
         most = self.scaling.worker_range[1]
         if self.schedule.batch_size < most:
-            raise ValueError(f"config key 'schedule.batch_size' ({self.schedule.batch_size}) must be "
-                             f">= the most workers ({most})")
+            raise ValueError(
+                f"config key 'schedule.batch_size' ({self.schedule.batch_size}) must be "
+                f">= the most workers ({most})"
+            )
         RefreshSchedule.parse(self.refresh)
         return self
 

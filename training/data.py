@@ -1,4 +1,5 @@
 """QA training and evaluation data: SQuAD-format .json or JSONL question/answer pairs."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,6 @@ class QAExample:
             raise ValueError(f"empty question: {self.question!r}")
         if not self.answers or not all(a.strip() for a in self.answers):
             raise ValueError(f"question {self.question!r} has no answers: {self.answers!r}")
-
 
 
 def _unique(texts: Iterable[str]) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
 """Evaluation: EM / F1 / recall@k for closed-book, RAG-Token and RAG-Sequence; JSON report and plots."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ from pydantic import ConfigDict, Field, PositiveInt
 
 from cluster.config import Config
 from cluster.passages import Passage, passage_text
-from training.data import QAExample
 from services.rag import retrieval
 from services.rag.model import Decoding, RagModel
 from services.rag.retrieval import Retrieved
+from training.data import QAExample
 from training.metrics import recall_at_k, score_predictions
 
 Setting = Literal["closed_book", "rag_token", "rag_sequence"]
@@ -32,25 +33,36 @@ class EvalConfig(Config):
     batch_size: int = Field(8, ge=1)
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(16, ge=1)
-    decoding: Decoding = "fast"              # RAG-Sequence decoding
+    decoding: Decoding = "fast"  # RAG-Sequence decoding
 
 
 def retrieve(rag: RagModel, shard_group: Any, questions: Sequence[str], k: int, batch_size: int) -> Retrieved:
     """Top-k passages and doc scores per question, `batch_size` questions per search, all from one index
     version; `shard_group` is a ShardGroup (or anything with its search)."""
     search = partial(shard_group.search, return_vectors=True)
-    return Retrieved.concat([
-        retrieval.retrieve(rag.query_encoder, search, questions[start:start + batch_size], k, rag.doc_score_scale)
-        for start in range(0, len(questions), batch_size)])
+    return Retrieved.concat(
+        [
+            retrieval.retrieve(
+                rag.query_encoder, search, questions[start : start + batch_size], k, rag.doc_score_scale
+            )
+            for start in range(0, len(questions), batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
-def predict(rag: RagModel, questions: Sequence[str], retrieved: Retrieved | None, setting: str,
-            n_docs: int, cfg: EvalConfig) -> list[str]:
+def predict(
+    rag: RagModel,
+    questions: Sequence[str],
+    retrieved: Retrieved | None,
+    setting: str,
+    n_docs: int,
+    cfg: EvalConfig,
+) -> list[str]:
     """Answers for one setting; closed-book gives the generator one empty passage."""
     out: list[str] = []
     for start in range(0, len(questions), cfg.batch_size):
-        chunk = list(questions[start:start + cfg.batch_size])
+        chunk = list(questions[start : start + cfg.batch_size])
         if setting == "closed_book" or retrieved is None:
             titles, texts = [[""] for _ in chunk], [[""] for _ in chunk]
             scores = torch.zeros(len(chunk), 1)  # (b, 1)
@@ -60,13 +72,22 @@ def predict(rag: RagModel, questions: Sequence[str], retrieved: Retrieved | None
             texts = [t[:n_docs] for t in retrieved.texts[rows]]
             scores = retrieved.doc_scores[rows, :n_docs]  # (b, n_docs)
         mode = "token" if setting == "rag_token" else "sequence"
-        out += rag.generate(chunk, titles, texts, scores, mode=mode, decoding=cfg.decoding,
-                            num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+        out += rag.generate(
+            chunk,
+            titles,
+            texts,
+            scores,
+            mode=mode,
+            decoding=cfg.decoding,
+            num_beams=cfg.num_beams,
+            max_new_tokens=cfg.max_new_tokens,
+        )
     return out
 
 
-def evaluate(rag: RagModel, shard_group: Any, examples: Sequence[QAExample], cfg: EvalConfig,
-             index_size: int) -> dict:
+def evaluate(
+    rag: RagModel, shard_group: Any, examples: Sequence[QAExample], cfg: EvalConfig, index_size: int
+) -> dict:
     """The report: per setting EM/F1 (and recall@k), per n_docs rows for the RAG settings."""
     questions = [e.question for e in examples]
     answers = [list(e.answers) for e in examples]
@@ -74,28 +95,43 @@ def evaluate(rag: RagModel, shard_group: Any, examples: Sequence[QAExample], cfg
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")
     retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size)
-    passages = [[passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
-                for ts, xs in zip(retrieved.titles, retrieved.texts)]
+    passages = [
+        [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
+        for ts, xs in zip(retrieved.titles, retrieved.texts)
+    ]
     recall = {k: recall_at_k(passages, answers, k) for k in sorted(set(cfg.n_docs) | {RECALL_K})}
-    report: dict = {"questions": len(examples), "index_versions": [retrieved.version],
-                    "recall": {str(k): v for k, v in recall.items()}, "config": cfg.model_dump(), "settings": {}}
+    report: dict = {
+        "questions": len(examples),
+        "index_versions": [retrieved.version],
+        "recall": {str(k): v for k, v in recall.items()},
+        "config": cfg.model_dump(),
+        "settings": {},
+    }
     for setting in cfg.settings:
         rows = {}
-        for n_docs in ((1,) if setting == "closed_book" else cfg.n_docs):
+        for n_docs in (1,) if setting == "closed_book" else cfg.n_docs:
             predictions = predict(rag, questions, retrieved, setting, n_docs, cfg)
-            rows[str(n_docs)] = score_predictions(predictions, answers) | {"examples": [
-                {"question": q, "prediction": p, "answers": a}
-                for q, p, a in list(zip(questions, predictions, answers))[:5]]}
+            rows[str(n_docs)] = score_predictions(predictions, answers) | {
+                "examples": [
+                    {"question": q, "prediction": p, "answers": a}
+                    for q, p, a in list(zip(questions, predictions, answers))[:5]
+                ]
+            }
         best = rows[str(max(int(k) for k in rows))]
-        report["settings"][setting] = {"em": best["em"], "f1": best["f1"],
-                                       "recall_at_5": None if setting == "closed_book" else recall[RECALL_K],
-                                       "by_n_docs": rows}
+        report["settings"][setting] = {
+            "em": best["em"],
+            "f1": best["f1"],
+            "recall_at_5": None if setting == "closed_book" else recall[RECALL_K],
+            "by_n_docs": rows,
+        }
     return report
 
 
 def summary_line(report: dict) -> dict:
     """The one-line result: em, f1, recall_at_5 for each evaluated setting."""
-    return {name: {k: row[k] for k in ("em", "f1", "recall_at_5")} for name, row in report["settings"].items()}
+    return {
+        name: {k: row[k] for k in ("em", "f1", "recall_at_5")} for name, row in report["settings"].items()
+    }
 
 
 def read_history(path: str | Path) -> tuple[list[int], list[float]]:
@@ -140,4 +176,3 @@ def write_plots(report: dict, out_dir: str | Path, history: str | Path | None = 
         written.append(str(out_dir / "loss.png"))
         plt.close(figure)
     return written
-

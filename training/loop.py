@@ -1,4 +1,5 @@
 """The per-worker Ray Train loop: retrieve top-K with vectors, RAG loss, DDP step, report, refresh."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import torch.distributed as dist
 
 from services.rag.retrieval import Search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
-from training.data import QAExample, load_qa
 from training.config import RefreshSchedule, TrainConfig
+from training.data import QAExample, load_qa
 from training.modules import RagTrainModule, build_train_module
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def global_batch(num_examples: int, step: int, batch_size: int, seed: int) -> li
 def local_slice(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous share of a global batch (sizes differ by at most one)."""
     bounds = np.linspace(0, len(indices), world_size + 1).round().astype(int)
-    return list(indices[bounds[rank]:bounds[rank + 1]])
+    return list(indices[bounds[rank] : bounds[rank + 1]])
 
 
 def share_weight(share: int, world: int, batch_size: int) -> float:
@@ -62,8 +63,9 @@ def actor_search(shard_group: Any) -> Search:
     return lambda queries, k: ray.get(shard_group.search.remote(queries, k, return_vectors=True))
 
 
-def forward_backward(module: torch.nn.Module, search: Search, examples: Sequence[QAExample],
-                     n_docs: int, weight: float) -> tuple[torch.Tensor, str]:
+def forward_backward(
+    module: torch.nn.Module, search: Search, examples: Sequence[QAExample], n_docs: int, weight: float
+) -> tuple[torch.Tensor, str]:
     """Retrieve, compute `weight` × local mean loss, backward. Returns (detached loss, version).
 
     The module recomputes the doc scores with gradient from the retrieved document vectors.
@@ -79,8 +81,14 @@ def forward_backward(module: torch.nn.Module, search: Search, examples: Sequence
     return loss.detach(), found.version
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, search: Search,
-               examples: Sequence[QAExample], cfg: TrainConfig, weight: float = 1.0) -> tuple[torch.Tensor, str]:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    search: Search,
+    examples: Sequence[QAExample],
+    cfg: TrainConfig,
+    weight: float = 1.0,
+) -> tuple[torch.Tensor, str]:
     """One optimiser step: retrieve, loss, backward (DDP syncs), clip, update."""
     loss, version = forward_backward(model, search, examples, cfg.n_docs, weight)
     if cfg.optimizer.grad_clip > 0:
@@ -105,7 +113,7 @@ def _history(path: str, rank: int, row: dict) -> None:
 
 
 def _restore(module: RagTrainModule, refresher: Any, rank: int) -> tuple[TrainState | None, str | None]:
-    """Weights from Ray Train's latest checkpoint (if resuming) and the shard group put back on its version."""
+    """Weights from Ray Train's latest checkpoint (if resuming); the shard group back on its version."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None, None
@@ -118,17 +126,25 @@ def _restore(module: RagTrainModule, refresher: Any, rank: int) -> tuple[TrainSt
     return state, checkpoint.path
 
 
-def _save_and_report(module: RagTrainModule, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                     metrics: dict, rank: int) -> None:
+def _save_and_report(
+    module: RagTrainModule, optimizer: torch.optim.Optimizer, cfg: TrainConfig, metrics: dict, rank: int
+) -> None:
     if rank != 0:
         ray.train.report(metrics)
         return
-    state = TrainState(step=metrics["step"], index_version=metrics["index_version"],
-                       models=cfg.models.model_dump(), doc_encoder_trained=cfg.train_doc_encoder)
+    state = TrainState(
+        step=metrics["step"],
+        index_version=metrics["index_version"],
+        models=cfg.models.model_dump(),
+        doc_encoder_trained=cfg.train_doc_encoder,
+    )
     with tempfile.TemporaryDirectory(prefix="rayrag-ckpt-") as directory:
         save_checkpoint(directory, module.modules_to_save(), optimizer, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"step-{metrics['step']:06d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"step-{metrics['step']:06d}",
+        )
 
 
 def _snapshot(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -154,9 +170,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _run_steps(model, optimizer, cfg, examples, loop_config, rank, world, state, checkpoint_path)
 
 
-def _run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-               examples: list[QAExample], loop_config: dict, rank: int, world: int,
-               state: TrainState | None, resumed_from: str | None) -> None:
+def _run_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    examples: list[QAExample],
+    loop_config: dict,
+    rank: int,
+    world: int,
+    state: TrainState | None,
+    resumed_from: str | None,
+) -> None:
     refresher, history = loop_config["refresher"], loop_config["history"]
     search = actor_search(loop_config["shard_group"])
     schedule, sched = RefreshSchedule.parse(cfg.refresh), cfg.schedule
@@ -164,8 +188,11 @@ def _run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
     pids = [os.getpid()] * world
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(pids, os.getpid())
-    _history(history, rank, {"event": "start", "step": start, "world_size": world, "pids": pids,
-                             "resumed_from": resumed_from})
+    _history(
+        history,
+        rank,
+        {"event": "start", "step": start, "world_size": world, "pids": pids, "resumed_from": resumed_from},
+    )
     log_every, began = max(1, sched.steps // 100), time.monotonic()
     for step in range(start, sched.steps):
         ticked = time.monotonic()
@@ -173,15 +200,22 @@ def _run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
         weight = share_weight(len(share), world, sched.batch_size)
         loss, version = train_step(model, optimizer, search, [examples[i] for i in share], cfg, weight)
         done, seconds = step + 1, time.monotonic() - ticked
-        metrics = {"step": done, "loss": mean_over_workers(loss), "index_version": version,
-                   "step_seconds": seconds, "world_size": world}
+        metrics = {
+            "step": done,
+            "loss": mean_over_workers(loss),
+            "index_version": version,
+            "step_seconds": seconds,
+            "world_size": world,
+        }
         if rank == 0 and cfg.train_doc_encoder and schedule.is_refresh_step(done):
             refresher.request.remote(done, _snapshot(unwrap(model).doc_encoder))
         _history(history, rank, metrics | {"time": time.time()})
         if rank == 0 and (done % log_every == 0 or done == sched.steps):
-            logger.info(f"[train {cfg.name}] step {done}/{sched.steps} loss {metrics['loss']:.4f} "
-                        f"index {version} workers {world} {seconds:.2f}s/step "
-                        f"elapsed {time.monotonic() - began:.0f}s")
+            logger.info(
+                f"[train {cfg.name}] step {done}/{sched.steps} loss {metrics['loss']:.4f} "
+                f"index {version} workers {world} {seconds:.2f}s/step "
+                f"elapsed {time.monotonic() - began:.0f}s"
+            )
         if done % sched.checkpoint_every == 0 or done == sched.steps:
             # reports are collective and wait on the controller: only at checkpoints, the
             # per-step metrics go to the history file and the progress line

@@ -1,4 +1,5 @@
 """Answer metrics: SQuAD answer normalisation, exact match, token F1, retrieval recall@k."""
+
 from __future__ import annotations
 
 import collections
@@ -58,5 +59,7 @@ def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
     n = max(len(predictions), 1)
-    return {"em": sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
-            "f1": sum(f1_score(p, a) for p, a in zip(predictions, answers)) / n}
+    return {
+        "em": sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
+        "f1": sum(f1_score(p, a) for p, a in zip(predictions, answers)) / n,
+    }

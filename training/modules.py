@@ -1,4 +1,5 @@
 """What training optimises: the RAG model (+ document encoder when trained) behind one loss `forward`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,14 @@ class RagTrainModule(torch.nn.Module):
             parts["doc_encoder"] = self.doc_encoder
         return parts
 
-    def forward(self, questions: list[str], answers: list[str], titles: list[list[str]],
-                texts: list[list[str]], doc_vectors: np.ndarray) -> torch.Tensor:
+    def forward(
+        self,
+        questions: list[str],
+        answers: list[str],
+        titles: list[list[str]],
+        texts: list[list[str]],
+        doc_vectors: np.ndarray,
+    ) -> torch.Tensor:
         vectors = torch.tensor(doc_vectors)  # (B, K, d) a copy: search results are read-only
         if self.doc_encoder is not None:
             flat = [passage_text(Passage(0, t, x)) for ts, xs in zip(titles, texts) for t, x in zip(ts, xs)]
@@ -69,8 +76,10 @@ def export_models(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, 
     generator = module.rag.generator
     generator.model.save_pretrained(out / "generator")
     generator.tokenizer.save_pretrained(out / "generator")
-    folders = {"query_encoder": module.rag.query_encoder.save_pretrained(out / "query_encoder"),
-               "generator": str(out / "generator")}
+    folders = {
+        "query_encoder": module.rag.query_encoder.save_pretrained(out / "query_encoder"),
+        "generator": str(out / "generator"),
+    }
     if module.doc_encoder is not None:
         folders["doc_encoder"] = module.doc_encoder.save_pretrained(out / "doc_encoder")
     return folders

@@ -1,4 +1,5 @@
 """Index refresh beside training: snapshot the document encoder, re-encode, build version N+1, swap."""
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,11 @@ NICENESS = 10
 @dataclass(frozen=True)
 class RefreshConfig:
     index_root: str
-    corpus: str               # load_corpus spec: the passages every version indexes
-    doc_encoder: str          # the document encoder's architecture (name or path)
+    corpus: str  # load_corpus spec: the passages every version indexes
+    doc_encoder: str  # the document encoder's architecture (name or path)
     corpus_limit: int | None = None
     shards: int = 1
-    num_encoders: int = 0     # 0: encode inside the refresher (niced, loaded once); N: a pool of N Ray encoders
+    num_encoders: int = 0  # 0: encode inside the refresher (niced, loaded once); N: a pool of N Ray encoders
 
 
 class IndexRefresher:
@@ -43,7 +44,7 @@ class IndexRefresher:
     def __init__(self, config: RefreshConfig, shard_group: Any) -> None:
         self.config, self.shard_group = config, shard_group
         self.passages = load_corpus(config.corpus, config.corpus_limit)
-        self.encoder: TextEncoder | None = None   # loaded by the first in-actor refresh
+        self.encoder: TextEncoder | None = None  # loaded by the first in-actor refresh
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._generation = 0
@@ -63,8 +64,12 @@ class IndexRefresher:
             if self._thread is not None and self._thread.is_alive():
                 self.skipped.append(step)
                 return False
-            self._thread = threading.Thread(target=self._build, args=(step, encoder_state, self._generation),
-                                            name=f"refresh-{step}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._build,
+                args=(step, encoder_state, self._generation),
+                name=f"refresh-{step}",
+                daemon=True,
+            )
             self._thread.start()
             return True
 
@@ -77,26 +82,40 @@ class IndexRefresher:
                     return  # a resume moved back to an older checkpoint: these weights are gone
                 publish(self.config.index_root, version)
                 ray.get(self.shard_group.swap.remote(version))
-                self.refreshes.append({"step": step, "version": version,
-                                       "seconds": round(time.monotonic() - started, 3)})
+                self.refreshes.append(
+                    {"step": step, "version": version, "seconds": round(time.monotonic() - started, 3)}
+                )
         except BaseException as error:  # surfaced to the next caller of request/status/wait
             self._error = error
 
     def _encode_and_write(self, encoder_state: dict[str, torch.Tensor]) -> str:
         """A new unpublished version of the corpus under these document-encoder weights."""
         if self.config.num_encoders > 0:
-            return build_index(self.passages, self.config.index_root, encoder=self.config.doc_encoder,
-                               shards=self.config.shards, num_encoders=self.config.num_encoders,
-                               encoder_state=encoder_state, publish=False, show_progress=False)
+            return build_index(
+                self.passages,
+                self.config.index_root,
+                encoder=self.config.doc_encoder,
+                shards=self.config.shards,
+                num_encoders=self.config.num_encoders,
+                encoder_state=encoder_state,
+                publish=False,
+                show_progress=False,
+            )
         os.nice(NICENESS)  # Linux nice is per thread: this build thread yields to training
         torch.set_num_threads(1)
         if self.encoder is None:
             self.encoder = TextEncoder.from_pretrained(self.config.doc_encoder).eval()
         self.encoder.load_state_dict(encoder_state)
         vectors = self.encoder.encode([passage_text(p) for p in self.passages])  # (N, d)
-        return build_index_from_vectors(vectors, self.passages, self.config.index_root, shards=self.config.shards,
-                                        encoder=self.encoder.name, encoder_fingerprint=self.encoder.fingerprint(),
-                                        publish=False)
+        return build_index_from_vectors(
+            vectors,
+            self.passages,
+            self.config.index_root,
+            shards=self.config.shards,
+            encoder=self.encoder.name,
+            encoder_fingerprint=self.encoder.fingerprint(),
+            publish=False,
+        )
 
     def restore(self, version: str) -> None:
         """Resume: forget in-flight builds, publish and serve `version` again."""

@@ -1,4 +1,5 @@
 """Launching a training run: index v1 if needed, shard group + refresher actors, TorchTrainer, fit."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,14 +20,14 @@ from training.data import load_qa
 from training.loop import train_loop_per_worker
 from training.refresh import IndexRefresher, RefreshConfig
 
-SHARD_GROUP_CONCURRENCY = 16   # searches from every worker + a swap + health checks
+SHARD_GROUP_CONCURRENCY = 16  # searches from every worker + a swap + health checks
 
 
 @dataclass
 class TrainOutcome:
-    result: Any                # ray.train.Result
-    history: Path              # JSONL: one row per step (loss, index version, step time)
-    refresh: dict              # the refresher's status: versions built, steps skipped
+    result: Any  # ray.train.Result
+    history: Path  # JSONL: one row per step (loss, index version, step time)
+    refresh: dict  # the refresher's status: versions built, steps skipped
 
 
 def prepare_index(cfg: TrainConfig) -> str:
@@ -36,12 +37,19 @@ def prepare_index(cfg: TrainConfig) -> str:
     version = published_version(cfg.index.root) if Path(cfg.index.root).is_dir() else None
     if version is None:
         passages = load_corpus(cfg.index.corpus, cfg.index.corpus_limit)
-        version = build_index(passages, cfg.index.root, encoder=cfg.models.doc_encoder,
-                              shards=cfg.index.shards, publish=True, show_progress=False)
+        version = build_index(
+            passages,
+            cfg.index.root,
+            encoder=cfg.models.doc_encoder,
+            shards=cfg.index.shards,
+            publish=True,
+            show_progress=False,
+        )
     count = load_manifest(cfg.index.root, version).count
     if cfg.n_docs > count:
-        raise ValueError(f"n_docs={cfg.n_docs} is larger than index {version} at "
-                         f"{cfg.index.root!r} ({count} passages)")
+        raise ValueError(
+            f"n_docs={cfg.n_docs} is larger than index {version} at {cfg.index.root!r} ({count} passages)"
+        )
     return version
 
 
@@ -57,8 +65,10 @@ def check_resumable(cfg: TrainConfig) -> None:
     found = {**state.models, "doc_encoder_trained": state.doc_encoder_trained}
     for key, value in wanted.items():
         if found.get(key) != value:
-            raise ValueError(f"incompatible checkpoint {str(states[-1].parent)!r}: it has {key}={found.get(key)!r}, "
-                             f"the config asks for {value!r} (use another run name to start afresh)")
+            raise ValueError(
+                f"incompatible checkpoint {str(states[-1].parent)!r}: it has {key}={found.get(key)!r}, "
+                f"the config asks for {value!r} (use another run name to start afresh)"
+            )
 
 
 def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
@@ -66,24 +76,37 @@ def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
     group = ray.remote(ShardGroup).options(max_concurrency=SHARD_GROUP_CONCURRENCY, num_cpus=0)
     shard_config = ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus)
     shard_group = group.remote(shard_config, version)
-    refresh = RefreshConfig(index_root=cfg.index.root, corpus=cfg.index.corpus, doc_encoder=cfg.models.doc_encoder,
-                            corpus_limit=cfg.index.corpus_limit, shards=cfg.index.shards,
-                            num_encoders=cfg.index.refresh_encoders)
+    refresh = RefreshConfig(
+        index_root=cfg.index.root,
+        corpus=cfg.index.corpus,
+        doc_encoder=cfg.models.doc_encoder,
+        corpus_limit=cfg.index.corpus_limit,
+        shards=cfg.index.shards,
+        num_encoders=cfg.index.refresh_encoders,
+    )
     refresher = ray.remote(IndexRefresher).options(max_concurrency=4, num_cpus=0).remote(refresh, shard_group)
     return shard_group, refresher
 
 
-def make_trainer(cfg: TrainConfig, loop_config: dict, resources_per_worker: dict | None = None) -> TorchTrainer:
+def make_trainer(
+    cfg: TrainConfig, loop_config: dict, resources_per_worker: dict | None = None
+) -> TorchTrainer:
     low, high = cfg.scaling.worker_range
-    scaling = ScalingConfig(num_workers=(low, high) if cfg.scaling.elastic else low,
-                            use_gpu=cfg.scaling.use_gpu,
-                            resources_per_worker=resources_per_worker or {"CPU": cfg.scaling.cpus_per_worker},
-                            elastic_resize_monitor_interval_s=5.0)
-    run = RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
-                    failure_config=FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=2))
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
-                        scaling_config=scaling, run_config=run)
+    scaling = ScalingConfig(
+        num_workers=(low, high) if cfg.scaling.elastic else low,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=resources_per_worker or {"CPU": cfg.scaling.cpus_per_worker},
+        elastic_resize_monitor_interval_s=5.0,
+    )
+    run = RunConfig(
+        name=cfg.name,
+        storage_path=str(Path(cfg.storage_path).resolve()),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run
+    )
 
 
 def run_training(cfg: TrainConfig, resources_per_worker: dict | None = None) -> TrainOutcome:

@@ -1,1 +1,1 @@
-"""The RAG model: marginal likelihoods, generators, decoding, RagModel, loading, in-process RAG (no Ray or Serve)."""
+"""The RAG model: marginal likelihoods, generators, decoding, RagModel, loading, local RAG (no Ray)."""

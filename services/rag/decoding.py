@@ -4,6 +4,7 @@ The beam search follows transformers' (v5) rules exactly — 2·beams candidates
 penalty on finished hypotheses, its early-stop heuristic — so outputs can be compared token for
 token with `RagTokenForGeneration.generate` and `RagSequenceForGeneration.generate`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +43,15 @@ class Beams:
     token_log_probs: torch.Tensor  # (G, n, T) the model's log p(token_t | prefix), 0 at pads
 
 
-def beam_search(first: torch.Tensor, step: StepFn, *, eos_id: int, pad_id: int,
-                forced_eos_id: int | None, config: BeamConfig) -> Beams:
+def beam_search(
+    first: torch.Tensor,
+    step: StepFn,
+    *,
+    eos_id: int,
+    pad_id: int,
+    forced_eos_id: int | None,
+    config: BeamConfig,
+) -> Beams:
     """Beam search for G independent groups of n beams.
 
     first: log-probs (G, n, V) of the first token (rows of a group start identical).
@@ -84,7 +92,8 @@ def beam_search(first: torch.Tensor, step: StepFn, *, eos_id: int, pad_id: int,
         done_scores = cand_scores / ((t + 1) ** config.length_penalty)  # (G, 2n)
         done_scores = done_scores + (~open_).float() * NEG + (~(hits & top_n)).float() * NEG
         fin_scores, fin_flag, fin_tokens, fin_lp = _merge_finished(
-            (fin_scores, fin_flag, fin_tokens, fin_lp), (done_scores, hits & top_n, cand_tokens, cand_lp), n)
+            (fin_scores, fin_flag, fin_tokens, fin_lp), (done_scores, hits & top_n, cand_tokens, cand_lp), n
+        )
         best_running = run_scores[:, :1] / ((t + 1) ** config.length_penalty)  # (G, 1)
         worst_done = torch.where(fin_flag, fin_scores.min(1, keepdim=True).values, NEG)  # (G, n)
         open_ = open_ & (best_running > worst_done).any(1, keepdim=True)
@@ -98,8 +107,9 @@ def _merge_finished(old: tuple, new: tuple, n: int) -> tuple:
     """Keep the best n (by the first tensor, the scores) of the finished hypotheses so far and this step's."""
     merged = [torch.cat([a, b], dim=1) for a, b in zip(old, new, strict=True)]  # each (G, 2n+n, ...)
     best = merged[0].topk(n, dim=1).indices  # (G, n)
-    return tuple(x.gather(1, best.view(*best.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
-                 for x in merged)
+    return tuple(
+        x.gather(1, best.view(*best.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])) for x in merged
+    )
 
 
 def generated_mask(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -108,8 +118,9 @@ def generated_mask(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tens
     return (after_eos == 0) & ((tokens != pad_id) | (tokens == eos_id))
 
 
-def rag_token_generate(generator: Generator, ctx: Contexts, doc_scores: torch.Tensor,
-                       config: BeamConfig) -> torch.Tensor:
+def rag_token_generate(
+    generator: Generator, ctx: Contexts, doc_scores: torch.Tensor, config: BeamConfig
+) -> torch.Tensor:
     """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best."""
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
     doc_lp = doc_log_probs(doc_scores.float())[:, :, None, None]  # (B, K, 1, 1)
@@ -125,13 +136,20 @@ def rag_token_generate(generator: Generator, ctx: Contexts, doc_scores: torch.Te
         generator.reorder(state, (base + source[:, None, :]).reshape(-1))  # rows (b, k, j)
         return marginal(generator.step(state, tokens[:, None, :].expand(b, k, n).reshape(-1)))
 
-    beams = beam_search(marginal(first), step, eos_id=generator.eos_id, pad_id=generator.pad_id,
-                        forced_eos_id=generator.forced_eos_id, config=config)
+    beams = beam_search(
+        marginal(first),
+        step,
+        eos_id=generator.eos_id,
+        pad_id=generator.pad_id,
+        forced_eos_id=generator.forced_eos_id,
+        config=config,
+    )
     return beams.tokens[:, 0]  # (B, T)
 
 
-def rag_sequence_generate(generator: Generator, ctx: Contexts, doc_scores: torch.Tensor,
-                          config: BeamConfig, thorough: bool = True) -> torch.Tensor:
+def rag_sequence_generate(
+    generator: Generator, ctx: Contexts, doc_scores: torch.Tensor, config: BeamConfig, thorough: bool = True
+) -> torch.Tensor:
     """RAG-Sequence: beams per document, then each distinct hypothesis scored by p(y|x); (B, T) best.
 
     thorough: p(y|x,z) is computed for every document; fast: taken as 0 for documents whose
@@ -146,8 +164,14 @@ def rag_sequence_generate(generator: Generator, ctx: Contexts, doc_scores: torch
         generator.reorder(state, (groups + source).reshape(-1))
         return generator.step(state, tokens.reshape(-1)).view(b * k, n, -1)  # (B*K, n, V)
 
-    beams = beam_search(first.view(b * k, n, -1), step, eos_id=generator.eos_id, pad_id=generator.pad_id,
-                        forced_eos_id=generator.forced_eos_id, config=config)
+    beams = beam_search(
+        first.view(b * k, n, -1),
+        step,
+        eos_id=generator.eos_id,
+        pad_id=generator.pad_id,
+        forced_eos_id=generator.forced_eos_id,
+        config=config,
+    )
     example, cands, inverse = _distinct_hypotheses(beams.tokens.view(b, k * n, -1))  # (N,), (N, T), (B*K*n,)
     row_doc = torch.arange(k, device=cands.device).repeat_interleave(n).repeat(b)  # (B*K*n,)
     produced = torch.zeros((cands.shape[0], k), dtype=torch.bool, device=cands.device)  # (N, K)
@@ -159,9 +183,16 @@ def rag_sequence_generate(generator: Generator, ctx: Contexts, doc_scores: torch
     if cand_idx.numel():
         token_ll[cand_idx, doc_idx] = generator.score(state, example[cand_idx] * k + doc_idx, cands[cand_idx])
     mask = generated_mask(cands, generator.eos_id, generator.pad_id)  # (N, T)
-    nll = rag_sequence_nll(token_ll, doc_scores.float()[example], cands, pad_id=generator.pad_id,
-                           target_mask=mask, exclude_bos_score=True, bos_id=generator.bos_id,
-                           doc_mask=pairs)  # (N,)
+    nll = rag_sequence_nll(
+        token_ll,
+        doc_scores.float()[example],
+        cands,
+        pad_id=generator.pad_id,
+        target_mask=mask,
+        exclude_bos_score=True,
+        bos_id=generator.bos_id,
+        doc_mask=pairs,
+    )  # (N,)
     return _best_per_example(nll, example, cands, b)
 
 
@@ -178,6 +209,10 @@ def _distinct_hypotheses(hyps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _best_per_example(nll: torch.Tensor, example: torch.Tensor, cands: torch.Tensor, b: int) -> torch.Tensor:
     """The lowest-loss candidate of each example (candidates are grouped by example)."""
     counts = torch.bincount(example, minlength=b).tolist()
-    best = [part.argmin() + offset for part, offset in
-            zip(nll.split(counts), torch.tensor([0, *counts[:-1]]).cumsum(0).tolist(), strict=True)]
+    best = [
+        part.argmin() + offset
+        for part, offset in zip(
+            nll.split(counts), torch.tensor([0, *counts[:-1]]).cumsum(0).tolist(), strict=True
+        )
+    ]
     return cands[torch.stack(best)]  # (B, T)

@@ -1,4 +1,5 @@
 """Generator wrappers p(y|x,z): B×K inputs from (question, passage), target scoring, incremental decoding."""
+
 from __future__ import annotations
 
 import threading
@@ -36,7 +37,9 @@ class Contexts:
 
     def __post_init__(self) -> None:
         if self.n_docs < 1 or self.input_ids.shape[0] % self.n_docs:
-            raise ValueError(f"{self.input_ids.shape[0]} context rows is not a multiple of n_docs={self.n_docs}")
+            raise ValueError(
+                f"{self.input_ids.shape[0]} context rows is not a multiple of n_docs={self.n_docs}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -69,7 +72,9 @@ def doc_count(titles: list[list[str]], texts: list[list[str]]) -> int:
     """K, the number of passages per question; every question must have the same K ≥ 1."""
     counts = {len(t) for t in titles} | {len(t) for t in texts}
     if len(counts) != 1 or 0 in counts or len(titles) != len(texts):
-        raise ValueError(f"every question needs the same number (≥ 1) of titles and texts, got {sorted(counts)}")
+        raise ValueError(
+            f"every question needs the same number (≥ 1) of titles and texts, got {sorted(counts)}"
+        )
     return counts.pop()
 
 
@@ -85,7 +90,9 @@ class Generator(torch.nn.Module, ABC):
         self.model = model
         self.tokenizer = tokenizer
         gen = model.generation_config
-        self.eos_id: int = _first_id(gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id)
+        self.eos_id: int = _first_id(
+            gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+        )
         pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
         self.pad_id: int = _first_id(pad) if pad is not None else self.eos_id
         self.forced_eos_id: int | None = _first_id(getattr(gen, "forced_eos_token_id", None))
@@ -104,7 +111,8 @@ class Generator(torch.nn.Module, ABC):
         if longest > self.max_positions:
             raise ValueError(
                 f"answer of {longest} tokens is longer than the generator's context of {self.max_positions} "
-                f"tokens: {answers[[len(s) for s in seqs].index(longest)]!r}")
+                f"tokens: {answers[[len(s) for s in seqs].index(longest)]!r}"
+            )
         ids, mask = pad_batch(seqs, self.pad_id, left=False)
         return ids.to(self.device), mask.to(self.device)
 
@@ -112,7 +120,7 @@ class Generator(torch.nn.Module, ABC):
         """Generated ids (B, T) → answers, cut at the first eos."""
         texts = []
         for row in tokens.tolist():
-            row = row[:row.index(self.eos_id)] if self.eos_id in row else row
+            row = row[: row.index(self.eos_id)] if self.eos_id in row else row
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
@@ -123,14 +131,18 @@ class Generator(torch.nn.Module, ABC):
         Reuses the context work of `start` (encoder states / prompt keys), so only the targets run.
         """
         per_chunk = max(1, SCORE_CHUNK // max(1, target.shape[1] * self.vocab_size))
-        parts = [self._score_chunk(state, rows[i:i + per_chunk], target[i:i + per_chunk])
-                 for i in range(0, rows.shape[0], per_chunk)]
+        parts = [
+            self._score_chunk(state, rows[i : i + per_chunk], target[i : i + per_chunk])
+            for i in range(0, rows.shape[0], per_chunk)
+        ]
         return torch.cat(parts)  # (P, T)
 
     def _check_context(self, ids: list[int], text: str) -> None:
         if len(ids) > self.max_positions:
-            raise ValueError(f"generator input of {len(ids)} tokens exceeds the model's context of "
-                             f"{self.max_positions} tokens: {text[:80]!r}...")
+            raise ValueError(
+                f"generator input of {len(ids)} tokens exceeds the model's context of "
+                f"{self.max_positions} tokens: {text[:80]!r}..."
+            )
 
     @abstractmethod
     def _answer_ids(self, answer: str) -> list[int]: ...
@@ -160,15 +172,21 @@ class Generator(torch.nn.Module, ABC):
 
 
 def _cache_over(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache that holds these (keys, values) per layer as they are (its constructor would copy them)."""
+    """A DynamicCache holding these (keys, values) per layer as they are (its constructor copies them)."""
     cache = DynamicCache([(keys[..., :0, :], values[..., :0, :]) for keys, values in kv])
     for layer, (keys, values) in zip(cache.layers, kv, strict=True):
         layer.keys, layer.values = keys, values
     return cache
 
 
-def _grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+def _grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """SDPA where each key/value row serves a block of consecutive query rows.
 
     Cross-attention then reads one copy of a context's encoder keys for all its beams or scored
@@ -178,7 +196,9 @@ def _grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     if groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     _, heads, t, d = query.shape  # (C*G, h, T, d)
-    query = query.view(rows, groups, heads, t, d).transpose(1, 2).reshape(rows, heads, groups * t, d)  # (C, h, G*T, d)
+    query = (
+        query.view(rows, groups, heads, t, d).transpose(1, 2).reshape(rows, heads, groups * t, d)
+    )  # (C, h, G*T, d)
     if attention_mask is not None:  # rows of a block share their context's mask
         attention_mask = attention_mask[::groups, :, :1].expand(-1, -1, groups * t, -1)  # (C, 1, G*T, L)
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # (C, G*T, h, d)
@@ -210,7 +230,7 @@ def _gather_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def _rows_of(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> DynamicCache:
-    """A cache over rows `rows` of per-context (keys, values); index_select copies far faster than indexing."""
+    """A cache over rows `rows` of per-context (keys, values); index_select copies faster than indexing."""
     return _cache_over([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv])
 
 
@@ -242,17 +262,29 @@ class Seq2SeqGenerator(Generator):
 
     def log_probs(self, ctx: Contexts, target: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         decoder_ids = self._decoder_inputs(target).repeat_interleave(ctx.n_docs, dim=0)  # (B*K, T)
-        out = self.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask,
-                         decoder_input_ids=decoder_ids, use_cache=False)
+        out = self.model(
+            input_ids=ctx.input_ids,
+            attention_mask=ctx.attention_mask,
+            decoder_input_ids=decoder_ids,
+            use_cache=False,
+        )
         log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, T, V)
         return log_probs.view(ctx.batch_size, ctx.n_docs, *log_probs.shape[1:])  # (B, K, T, V)
 
     @torch.no_grad()
     def start(self, ctx: Contexts, copies: int) -> tuple[DecodeState, torch.Tensor]:
-        hidden = self.model.get_encoder()(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask).last_hidden_state
-        state = DecodeState(EncoderDecoderCache(DynamicCache(), DynamicCache()), ctx.attention_mask, hidden,
-                            prefix={"hidden": hidden, "mask": ctx.attention_mask})
-        start = torch.full((hidden.shape[0],), self.start_id, dtype=torch.long, device=hidden.device)  # (B*K,)
+        hidden = self.model.get_encoder()(
+            input_ids=ctx.input_ids, attention_mask=ctx.attention_mask
+        ).last_hidden_state
+        state = DecodeState(
+            EncoderDecoderCache(DynamicCache(), DynamicCache()),
+            ctx.attention_mask,
+            hidden,
+            prefix={"hidden": hidden, "mask": ctx.attention_mask},
+        )
+        start = torch.full(
+            (hidden.shape[0],), self.start_id, dtype=torch.long, device=hidden.device
+        )  # (B*K,)
         first = self.step(state, start)  # (B*K, V): the first step is the same for every copy of a context
         cross = state.cache.cross_attention_cache.layers
         state.prefix["cross"] = [(layer.keys, layer.values) for layer in cross]
@@ -260,14 +292,22 @@ class Seq2SeqGenerator(Generator):
         # Cross-attention keys stay one row per context: `_grouped_sdpa` shares them among its copies.
         state.cache.self_attention_cache.reorder_cache(rows)
         # Once the cross-attention keys are cached, the decoder reads only the encoder states' shape.
-        state.attention_mask, state.encoder_hidden = ctx.attention_mask[rows], hidden[:1].expand(rows.shape[0], -1, -1)
+        state.attention_mask, state.encoder_hidden = (
+            ctx.attention_mask[rows],
+            hidden[:1].expand(rows.shape[0], -1, -1),
+        )
         return state, first[rows]
 
     @torch.no_grad()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         with _grouped_attention(self.model):
-            out = self.model(decoder_input_ids=tokens[:, None], encoder_outputs=(state.encoder_hidden,),
-                             attention_mask=state.attention_mask, cache=state.cache, use_cache=True)
+            out = self.model(
+                decoder_input_ids=tokens[:, None],
+                encoder_outputs=(state.encoder_hidden,),
+                attention_mask=state.attention_mask,
+                cache=state.cache,
+                use_cache=True,
+            )
         state.cache = out.cache
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (R, V)
 
@@ -286,9 +326,13 @@ class Seq2SeqGenerator(Generator):
         hidden = state.prefix["hidden"][:1].expand(padded.shape[0], -1, -1)  # (C*W, L, d)
         mask = state.prefix["mask"][contexts].repeat_interleave(width, dim=0)  # (C*W, L)
         with _grouped_attention(self.model):
-            out = self.model(encoder_outputs=(hidden,), attention_mask=mask,
-                             decoder_input_ids=self._decoder_inputs(padded),
-                             cache=EncoderDecoderCache(DynamicCache(), cross), use_cache=True)
+            out = self.model(
+                encoder_outputs=(hidden,),
+                attention_mask=mask,
+                decoder_input_ids=self._decoder_inputs(padded),
+                cache=EncoderDecoderCache(DynamicCache(), cross),
+                use_cache=True,
+            )
         return _gather_log_probs(out.logits, padded)[slot]  # (P, T)
 
 
@@ -307,8 +351,9 @@ def _context_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor
 class CausalGenerator(Generator):
     """Decoder-only: the prompt holds the passage and the question (chat template when there is one)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 system_prompt: str = SYSTEM_PROMPT) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, system_prompt: str = SYSTEM_PROMPT
+    ) -> None:
         super().__init__(model, tokenizer)
         self.system_prompt = system_prompt
         self.chat = getattr(tokenizer, "chat_template", None) is not None
@@ -316,8 +361,13 @@ class CausalGenerator(Generator):
     def _prompt_ids(self, question: str, title: str, text: str) -> list[int]:
         if not self.chat:
             return self.tokenizer(f"{title}. {text}\nQuestion: {question}\nAnswer:")["input_ids"]
-        messages = [{"role": "system", "content": self.system_prompt},
-                    {"role": "user", "content": f"Context: {title}. {text}\n\nUsing the context, answer briefly: {question}"}]
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {
+                "role": "user",
+                "content": f"Context: {title}. {text}\n\nUsing the context, answer briefly: {question}",
+            },
+        ]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding or a list
 
@@ -327,9 +377,11 @@ class CausalGenerator(Generator):
 
     def contexts(self, questions: list[str], titles: list[list[str]], texts: list[list[str]]) -> Contexts:
         n_docs = doc_count(titles, texts)
-        seqs = [self._prompt_ids(q, title, text)
-                for q, doc_titles, doc_texts in zip(questions, titles, texts, strict=True)
-                for title, text in zip(doc_titles, doc_texts, strict=True)]
+        seqs = [
+            self._prompt_ids(q, title, text)
+            for q, doc_titles, doc_texts in zip(questions, titles, texts, strict=True)
+            for title, text in zip(doc_titles, doc_texts, strict=True)
+        ]
         for s in seqs:
             self._check_context(s, self.tokenizer.decode(s))
         ids, mask = pad_batch(seqs, self.pad_id, left=True)
@@ -337,22 +389,30 @@ class CausalGenerator(Generator):
 
     def log_probs(self, ctx: Contexts, target: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         if ctx.input_ids.shape[1] + target.shape[1] > self.max_positions:
-            raise ValueError(f"prompt of {ctx.input_ids.shape[1]} tokens + answer of {target.shape[1]} tokens "
-                             f"exceeds the model's context of {self.max_positions} tokens")
+            raise ValueError(
+                f"prompt of {ctx.input_ids.shape[1]} tokens + answer of {target.shape[1]} tokens "
+                f"exceeds the model's context of {self.max_positions} tokens"
+            )
         k, width = ctx.n_docs, ctx.input_ids.shape[1]
         ids = torch.cat([ctx.input_ids, target.repeat_interleave(k, dim=0)[:, :-1]], dim=1)  # (B*K, L+T-1)
         mask = torch.cat([ctx.attention_mask, target_mask.repeat_interleave(k, dim=0)[:, :-1]], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B*K, L+T-1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        log_probs = torch.log_softmax(out.logits[:, width - 1:].float(), dim=-1)  # (B*K, T, V)
+        log_probs = torch.log_softmax(out.logits[:, width - 1 :].float(), dim=-1)  # (B*K, T, V)
         return log_probs.view(ctx.batch_size, k, *log_probs.shape[1:])  # (B, K, T, V)
 
     @torch.no_grad()
     def start(self, ctx: Contexts, copies: int) -> tuple[DecodeState, torch.Tensor]:
         mask = ctx.attention_mask
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B*K, L)
-        out = self.model(input_ids=ctx.input_ids, attention_mask=mask, position_ids=positions,
-                         cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ctx.input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B*K, V)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         rows = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(copies)  # (R,)
@@ -364,8 +424,13 @@ class CausalGenerator(Generator):
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens)[:, None]], dim=1)
         positions = state.attention_mask.sum(1, keepdim=True) - 1  # (R, 1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=state.attention_mask,
-                         position_ids=positions, cache=state.cache, use_cache=True)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=state.attention_mask,
+            position_ids=positions,
+            cache=state.cache,
+            use_cache=True,
+        )
         state.cache = out.cache
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (R, V)
 
@@ -380,9 +445,12 @@ class CausalGenerator(Generator):
         cache = _rows_of(state.prefix["kv"], rows)
         follow = target[:, :-1]  # (P, T-1)
         mask = torch.cat([state.prefix["mask"][rows], torch.ones_like(follow)], dim=1)  # (P, L+T-1)
-        positions = state.prefix["mask"][rows].sum(1, keepdim=True) + torch.arange(follow.shape[1],
-                                                                                    device=follow.device)
-        out = self.model(input_ids=follow, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        positions = state.prefix["mask"][rows].sum(1, keepdim=True) + torch.arange(
+            follow.shape[1], device=follow.device
+        )
+        out = self.model(
+            input_ids=follow, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
         return torch.cat([first, _gather_log_probs(out.logits, target[:, 1:])], dim=1)  # (P, T)
 
 

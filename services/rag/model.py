@@ -1,4 +1,5 @@
 """The user-facing RAG model: query encoder + generator, marginal NLL loss and decoding."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -11,7 +12,7 @@ from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_g
 from services.rag.generator import Generator
 from services.rag.marginal import rag_sequence_nll, rag_token_nll
 
-Mode = Literal["sequence", "token"]   # RAG-Sequence or RAG-Token
+Mode = Literal["sequence", "token"]  # RAG-Sequence or RAG-Token
 Decoding = Literal["thorough", "fast"]
 DEFAULT_NORMALISED_SCALE = 20.0
 
@@ -27,10 +28,17 @@ def scaled_doc_scores(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, sc
 
 
 @torch.no_grad()
-def generate_answers(generator: Generator, questions: list[str], titles: list[list[str]],
-                     texts: list[list[str]], doc_scores: np.ndarray | torch.Tensor,
-                     mode: Mode = "sequence", decoding: Decoding = "fast",
-                     num_beams: int = 4, max_new_tokens: int = 32) -> list[str]:
+def generate_answers(
+    generator: Generator,
+    questions: list[str],
+    titles: list[list[str]],
+    texts: list[list[str]],
+    doc_scores: np.ndarray | torch.Tensor,
+    mode: Mode = "sequence",
+    decoding: Decoding = "fast",
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+) -> list[str]:
     """Answer each question from its K passages and their doc scores (B, K); one string each."""
     if mode not in ("sequence", "token"):
         raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
@@ -55,8 +63,9 @@ class RagModel(torch.nn.Module):
     normalises (`encoder.normalize`) and 1 otherwise (`default_doc_score_scale`).
     """
 
-    def __init__(self, query_encoder: TextEncoder, generator: Generator,
-                 doc_score_scale: float | None = None) -> None:
+    def __init__(
+        self, query_encoder: TextEncoder, generator: Generator, doc_score_scale: float | None = None
+    ) -> None:
         super().__init__()
         if doc_score_scale is None:
             doc_score_scale = default_doc_score_scale(query_encoder)
@@ -76,9 +85,18 @@ class RagModel(torch.nn.Module):
         device = next(self.query_encoder.parameters()).device
         return self.query_encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, d)
 
-    def loss(self, questions: list[str], answers: list[str], titles: list[list[str]], texts: list[list[str]],
-             doc_vectors: np.ndarray | torch.Tensor, mode: Mode = "sequence", *, epsilon: float = 0.0,
-             exclude_bos_score: bool = False) -> torch.Tensor:
+    def loss(
+        self,
+        questions: list[str],
+        answers: list[str],
+        titles: list[list[str]],
+        texts: list[list[str]],
+        doc_vectors: np.ndarray | torch.Tensor,
+        mode: Mode = "sequence",
+        *,
+        epsilon: float = 0.0,
+        exclude_bos_score: bool = False,
+    ) -> torch.Tensor:
         """Mean negative marginal log-likelihood of the answers (scalar)."""
         if mode not in ("sequence", "token"):
             raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
@@ -90,14 +108,38 @@ class RagModel(torch.nn.Module):
         target, mask = gen.answer_targets(answers)  # (B, T), (B, T)
         log_probs = gen.log_probs(ctx, target, mask)  # (B, K, T, V)
         nll_fn = rag_sequence_nll if mode == "sequence" else rag_token_nll
-        nll = nll_fn(log_probs, scores.float(), target, pad_id=gen.pad_id, target_mask=mask, epsilon=epsilon,
-                     exclude_bos_score=exclude_bos_score, bos_id=gen.bos_id)  # (B,)
+        nll = nll_fn(
+            log_probs,
+            scores.float(),
+            target,
+            pad_id=gen.pad_id,
+            target_mask=mask,
+            epsilon=epsilon,
+            exclude_bos_score=exclude_bos_score,
+            bos_id=gen.bos_id,
+        )  # (B,)
         return nll.mean()
 
-    def generate(self, questions: list[str], titles: list[list[str]], texts: list[list[str]],
-                 doc_scores: np.ndarray | torch.Tensor, mode: Mode = "sequence",
-                 decoding: Decoding = "fast", num_beams: int = 4,
-                 max_new_tokens: int = 32) -> list[str]:
+    def generate(
+        self,
+        questions: list[str],
+        titles: list[list[str]],
+        texts: list[list[str]],
+        doc_scores: np.ndarray | torch.Tensor,
+        mode: Mode = "sequence",
+        decoding: Decoding = "fast",
+        num_beams: int = 4,
+        max_new_tokens: int = 32,
+    ) -> list[str]:
         """Answer each question from its K passages; returns one string per question."""
-        return generate_answers(self.generator, questions, titles, texts, doc_scores, mode=mode,
-                                decoding=decoding, num_beams=num_beams, max_new_tokens=max_new_tokens)
+        return generate_answers(
+            self.generator,
+            questions,
+            titles,
+            texts,
+            doc_scores,
+            mode=mode,
+            decoding=decoding,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+        )

@@ -1,4 +1,5 @@
 """The retrieval path every caller shares: question → query vector → search → doc scores (no Ray)."""
+
 from __future__ import annotations
 
 import time
@@ -11,10 +12,14 @@ import torch
 
 from cluster.merge import SearchResult
 
-if TYPE_CHECKING:  # encoders and the model import transformers, which whoever unpickles a Retrieved need not load
+if (
+    TYPE_CHECKING
+):  # encoders and the model import transformers, which whoever unpickles a Retrieved need not load
     from cluster.encoders import TextEncoder
 
-Search = Callable[[np.ndarray, int], SearchResult]  # (queries (B, d) float32, k) → top-k with document vectors
+Search = Callable[
+    [np.ndarray, int], SearchResult
+]  # (queries (B, d) float32, k) → top-k with document vectors
 
 
 @dataclass
@@ -35,11 +40,16 @@ class Retrieved:
         """Question b's first k hits as a batch of one, without the empty (-1) slots."""
         hit = np.flatnonzero(self.ids[b, :k] >= 0)  # (K',)
         return Retrieved(
-            ids=self.ids[b : b + 1, hit], titles=[[self.titles[b][i] for i in hit]],
-            texts=[[self.texts[b][i] for i in hit]], scores=self.scores[b : b + 1, hit],
+            ids=self.ids[b : b + 1, hit],
+            titles=[[self.titles[b][i] for i in hit]],
+            texts=[[self.texts[b][i] for i in hit]],
+            scores=self.scores[b : b + 1, hit],
             doc_scores=self.doc_scores[b : b + 1, hit],
             vectors=None if self.vectors is None else self.vectors[b : b + 1, hit],
-            version=self.version, coverage=self.coverage, retrieve_ms=self.retrieve_ms)
+            version=self.version,
+            coverage=self.coverage,
+            retrieve_ms=self.retrieve_ms,
+        )
 
     @classmethod
     def concat(cls, parts: Sequence[Retrieved]) -> Retrieved:
@@ -49,16 +59,26 @@ class Retrieved:
             raise ValueError(f"the batches come from index versions {versions}, not one")
         kept = [part.vectors for part in parts]
         return cls(
-            ids=np.concatenate([part.ids for part in parts]), titles=[t for part in parts for t in part.titles],
-            texts=[t for part in parts for t in part.texts], scores=np.concatenate([part.scores for part in parts]),
+            ids=np.concatenate([part.ids for part in parts]),
+            titles=[t for part in parts for t in part.titles],
+            texts=[t for part in parts for t in part.texts],
+            scores=np.concatenate([part.scores for part in parts]),
             doc_scores=np.concatenate([part.doc_scores for part in parts]),
             vectors=None if any(v is None for v in kept) else np.concatenate(kept),
-            version=versions[0], coverage=min(part.coverage for part in parts),
-            retrieve_ms=sum(part.retrieve_ms for part in parts))
+            version=versions[0],
+            coverage=min(part.coverage for part in parts),
+            retrieve_ms=sum(part.retrieve_ms for part in parts),
+        )
 
 
-def retrieve(query_encoder: TextEncoder, search: Search, questions: Sequence[str], k: int,
-             doc_score_scale: float, keep_vectors: bool = False) -> Retrieved:
+def retrieve(
+    query_encoder: TextEncoder,
+    search: Search,
+    questions: Sequence[str],
+    k: int,
+    doc_score_scale: float,
+    keep_vectors: bool = False,
+) -> Retrieved:
     """Encode the questions (no gradient), search the top-k, score the hits from their document vectors.
 
     Training keeps the vectors and recomputes the doc scores with gradient in its module.
@@ -70,7 +90,14 @@ def retrieve(query_encoder: TextEncoder, search: Search, questions: Sequence[str
     found = search(queries, k)
     vectors = torch.tensor(found.vectors)  # (B, K, d) a copy: search results may be read-only
     doc_scores = scaled_doc_scores(torch.from_numpy(queries), vectors, doc_score_scale)  # (B, K)
-    return Retrieved(ids=found.ids, titles=found.titles, texts=found.texts, scores=found.scores,
-                     doc_scores=doc_scores.numpy(), vectors=found.vectors if keep_vectors else None,
-                     version=found.version, coverage=found.coverage,
-                     retrieve_ms=(time.perf_counter() - start) * 1e3)
+    return Retrieved(
+        ids=found.ids,
+        titles=found.titles,
+        texts=found.texts,
+        scores=found.scores,
+        doc_scores=doc_scores.numpy(),
+        vectors=found.vectors if keep_vectors else None,
+        version=found.version,
+        coverage=found.coverage,
+        retrieve_ms=(time.perf_counter() - start) * 1e3,
+    )

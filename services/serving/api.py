@@ -1,4 +1,5 @@
 """The HTTP API of the Serve app: request/response schemas, their limits, error bodies, citations."""
+
 from __future__ import annotations
 
 import json
@@ -9,14 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,8 +38,9 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -74,8 +69,9 @@ def _question(value: str) -> str:
     return value
 
 
-Question = Annotated[str, AfterValidator(_question),
-                     Field(description=f"1 to {MAX_QUESTION_CHARS} characters")]
+Question = Annotated[
+    str, AfterValidator(_question), Field(description=f"1 to {MAX_QUESTION_CHARS} characters")
+]
 
 
 class DecodingOptions(BaseModel):
@@ -85,7 +81,8 @@ class DecodingOptions(BaseModel):
     n_docs: int = Field(5, ge=1, le=MAX_N_DOCS, description="passages retrieved (K)")
     mode: Literal["sequence", "token"] = "sequence"
     decoding: Literal["thorough", "fast"] = Field(
-        "fast", description="RAG-Sequence decoding; ignored for mode=token")
+        "fast", description="RAG-Sequence decoding; ignored for mode=token"
+    )
     num_beams: int = Field(4, ge=1, le=MAX_NUM_BEAMS)
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
 
@@ -150,8 +147,13 @@ class ChatRequest(DecodingOptions):
 
     def options(self) -> DecodingOptions:
         limit = self.max_completion_tokens or self.max_tokens or self.max_new_tokens
-        return DecodingOptions(n_docs=self.n_docs, mode=self.mode, decoding=self.decoding,
-                               num_beams=self.num_beams, max_new_tokens=limit)
+        return DecodingOptions(
+            n_docs=self.n_docs,
+            mode=self.mode,
+            decoding=self.decoding,
+            num_beams=self.num_beams,
+            max_new_tokens=limit,
+        )
 
 
 def _last_user_text(messages: list[ChatMessage]) -> str:
@@ -175,8 +177,11 @@ class Timings(BaseModel):
     total: float
 
 
-COVERAGE = Field(..., description="fraction of the index's shards that answered; below 1 a shard "
-                                  "was down and its passages could not be retrieved")
+COVERAGE = Field(
+    ...,
+    description="fraction of the index's shards that answered; below 1 a shard "
+    "was down and its passages could not be retrieved",
+)
 
 
 class AnswerResponse(BaseModel):
@@ -208,7 +213,7 @@ ERRORS = {
     413: f"The body is over {MAX_BODY_BYTES} bytes.",
     415: "The body is not sent as application/json.",
     422: "A field is missing, unknown or out of range (the message names it), or the generator "
-         "cannot decode the question as asked.",
+    "cannot decode the question as asked.",
     503: "No shard of the index can answer right now (the message names them).",
 }
 
@@ -218,8 +223,15 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
 
 
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-               bool: "boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 def _body_error(error: dict[str, Any], body: Any, content_type: str | None) -> tuple[int, str]:
@@ -240,8 +252,9 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     if first["type"] == "json_invalid":
         doc, pos = error.body, loc[0]
         line, column = doc.count("\n", 0, pos) + 1, pos - doc.rfind("\n", 0, pos)
-        return error_response(400, f"body is not valid JSON: {first['ctx']['error']} at line "
-                                   f"{line} column {column}")
+        return error_response(
+            400, f"body is not valid JSON: {first['ctx']['error']} at line {line} column {column}"
+        )
     if not loc:
         status, message = _body_error(first, error.body, request.headers.get("content-type"))
         return error_response(status, message)
@@ -262,8 +275,7 @@ async def _api_error(_: Request, error: ApiError) -> JSONResponse:
     return error_response(error.status, error.message, error.param)
 
 
-ERROR_HANDLERS = {RequestValidationError: _validation_error, HTTPException: _http_error,
-                  ApiError: _api_error}
+ERROR_HANDLERS = {RequestValidationError: _validation_error, HTTPException: _http_error, ApiError: _api_error}
 
 
 class BodyLimit:
@@ -311,26 +323,34 @@ def chat_completion(request: ChatRequest, answer: AnswerResponse) -> dict[str, A
     """The OpenAI `chat.completion` object, with the docs and provenance as extra fields."""
     content, marks = cited(answer.answer, answer.docs)
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-        "created": int(time.time()), "model": request.model,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": content}}],
-        "usage": None, **_extras(answer, marks),
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+        ],
+        "usage": None,
+        **_extras(answer, marks),
     }
 
 
 def chat_chunks(request: ChatRequest, answer: AnswerResponse) -> list[dict[str, Any]]:
     """The same answer as `chat.completion.chunk` objects (role, words, stop + docs)."""
     content, marks = cited(answer.answer, answer.docs)
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": request.model}
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": request.model,
+    }
     words = content.split(" ")
     deltas = [{"role": "assistant", "content": ""}]
     deltas += [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
-    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
-              for d in deltas]
-    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                   **_extras(answer, marks)})
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append(
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], **_extras(answer, marks)}
+    )
     return chunks
 
 
@@ -340,7 +360,11 @@ def sse(chunks: list[dict[str, Any]]) -> list[str]:
 
 
 def _extras(answer: AnswerResponse, marks: list[int]) -> dict[str, Any]:
-    return {"docs": [d.model_dump() for d in answer.docs], "citations": marks,
-            "mode": answer.mode, "index_version": answer.index_version,
-            "index_coverage": answer.index_coverage,
-            "timings_ms": answer.timings_ms.model_dump()}
+    return {
+        "docs": [d.model_dump() for d in answer.docs],
+        "citations": marks,
+        "mode": answer.mode,
+        "index_version": answer.index_version,
+        "index_coverage": answer.index_coverage,
+        "timings_ms": answer.timings_ms.model_dump(),
+    }

@@ -51,8 +51,7 @@ class Ingress:
     methods: `retrieve`, `health`, `index_info`, `swap` broadcast; `generate`).
     """
 
-    def __init__(self, retriever: DeploymentHandle, generator: DeploymentHandle,
-                 config: IngressConfig):
+    def __init__(self, retriever: DeploymentHandle, generator: DeploymentHandle, config: IngressConfig):
         # By value: the calls and their results travel over each replica's gRPC server instead
         # of the Ray object store, which halves a hop here (bench/serve.py).
         self.retriever = retriever.options(_by_reference=False)
@@ -75,18 +74,29 @@ class Ingress:
         """Retrieve, then generate; timings are the replicas' in-process times and the total."""
         start = time.perf_counter()
         found = await self.retrieve(question, options.n_docs)
-        generated = await self.generator.generate.remote(GenerateRequest(
-            question=question, titles=found.titles[0], texts=found.texts[0],
-            doc_scores=found.doc_scores[0].tolist(), mode=options.mode, decoding=options.decoding, num_beams=options.num_beams,
-            max_new_tokens=options.max_new_tokens))
+        generated = await self.generator.generate.remote(
+            GenerateRequest(
+                question=question,
+                titles=found.titles[0],
+                texts=found.texts[0],
+                doc_scores=found.doc_scores[0].tolist(),
+                mode=options.mode,
+                decoding=options.decoding,
+                num_beams=options.num_beams,
+                max_new_tokens=options.max_new_tokens,
+            )
+        )
         if generated.error is not None:
             raise ApiError(422, f"question cannot be answered as asked: {generated.error}")
         total = (time.perf_counter() - start) * 1000
         return AnswerResponse(
-            answer=generated.answer, mode=options.mode, index_version=found.version,
-            index_coverage=found.coverage, docs=docs_of(found),
-            timings_ms={"retrieve": found.retrieve_ms, "generate": generated.generate_ms,
-                        "total": total})
+            answer=generated.answer,
+            mode=options.mode,
+            index_version=found.version,
+            index_coverage=found.coverage,
+            docs=docs_of(found),
+            timings_ms={"retrieve": found.retrieve_ms, "generate": generated.generate_ms, "total": total},
+        )
 
     async def retrieve_many(self, questions: list[str], k: int) -> RetrieveResponse:
         """Top-k per question, searched concurrently; versions are joined if a swap fell between."""
@@ -97,27 +107,33 @@ class Ingress:
             index_version=found[0].version if len(versions) == 1 else ",".join(sorted(versions)),
             index_coverage=min(f.coverage for f in found),
             results=[docs_of(f) for f in found],
-            timings_ms={"retrieve": max(f.retrieve_ms for f in found),
-                        "total": (time.perf_counter() - start) * 1000})
+            timings_ms={
+                "retrieve": max(f.retrieve_ms for f in found),
+                "total": (time.perf_counter() - start) * 1000,
+            },
+        )
 
     async def swap(self, version: str) -> dict[str, Any]:
         """Swap every Retriever replica to `version`; 404 when the index root lacks it."""
         info = await self.retriever.index_info.remote()
         if version not in info["versions"]:
-            raise ApiError(404, f"version {version!r} is not in the index root; "
-                                f"have {info['versions']}", "version")
+            raise ApiError(
+                404, f"version {version!r} is not in the index root; have {info['versions']}", "version"
+            )
         served = await self.retriever.broadcast("swap", version).results_async()
         return {"version": version, "replicas": len(served), "previous": info["version"]}
 
     def authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         """403 when admin calls are off or the token is wrong, 401 when none is given."""
         if not self.admin_token:
-            raise ApiError(403, f"admin calls are disabled: no admin token configured "
-                                f"(args.admin_token or ${ADMIN_TOKEN_ENV})")
+            raise ApiError(
+                403,
+                f"admin calls are disabled: no admin token configured "
+                f"(args.admin_token or ${ADMIN_TOKEN_ENV})",
+            )
         if credentials is None or not credentials.credentials.strip():
             raise ApiError(401, "admin calls need 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(credentials.credentials.strip().encode(),
-                                   self.admin_token.encode()):
+        if not hmac.compare_digest(credentials.credentials.strip().encode(), self.admin_token.encode()):
             raise ApiError(403, "admin token is wrong")
 
 
@@ -126,8 +142,7 @@ def _ingress(request: Request) -> Ingress:
 
 
 Backend = Annotated[Ingress, Depends(_ingress)]
-bearer = HTTPBearer(auto_error=False, description="the admin token (args.admin_token or "
-                                                  f"${ADMIN_TOKEN_ENV})")
+bearer = HTTPBearer(auto_error=False, description=f"the admin token (args.admin_token or ${ADMIN_TOKEN_ENV})")
 BODY_ERRORS = (400, 413, 415, 422)
 router = APIRouter()
 
@@ -144,9 +159,13 @@ async def post_retrieve(body: RetrieveRequest, ingress: Backend) -> RetrieveResp
     return await ingress.retrieve_many(body.all_questions(), body.k)
 
 
-CHAT_OK = {200: {"description": "A `chat.completion` object with `docs` and `citations`; with "
-                                "`stream: true`, `chat.completion.chunk` server-sent events.",
-                 "content": {"application/json": {}, "text/event-stream": {}}}}
+CHAT_OK = {
+    200: {
+        "description": "A `chat.completion` object with `docs` and `citations`; with "
+        "`stream: true`, `chat.completion.chunk` server-sent events.",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    }
+}
 
 
 @router.post("/v1/chat/completions", responses={**CHAT_OK, **responses(*BODY_ERRORS, 503)})
@@ -158,8 +177,7 @@ async def post_chat(body: ChatRequest, ingress: Backend) -> Any:
     return StreamingResponse(iter(sse(chat_chunks(body, answer))), media_type="text/event-stream")
 
 
-@router.get("/healthz", responses={503: {"description": "A shard has no live replica (same "
-                                                        "report)."}})
+@router.get("/healthz", responses={503: {"description": "A shard has no live replica (same report)."}})
 async def healthz(ingress: Backend) -> JSONResponse:
     """Live replicas per shard and the index version; 503 when a shard has none."""
     health = await ingress.retriever.health.remote()
@@ -172,15 +190,16 @@ async def index(ingress: Backend) -> dict[str, Any]:
     return await ingress.retriever.index_info.remote()
 
 
-async def _admin(ingress: Backend,
-                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-                 ) -> None:
+async def _admin(
+    ingress: Backend, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> None:
     """Runs before the body is validated, so a caller without the token learns nothing more."""
     ingress.authorize(credentials)
 
 
-@router.post("/v1/admin/index/swap", dependencies=[Depends(_admin)],
-             responses=responses(401, 403, 404, *BODY_ERRORS))
+@router.post(
+    "/v1/admin/index/swap", dependencies=[Depends(_admin)], responses=responses(401, 403, 404, *BODY_ERRORS)
+)
 async def swap(body: SwapRequest, ingress: Backend) -> dict[str, Any]:
     """Swap every Retriever replica to `version` (Authorization: Bearer <token>)."""
     return await ingress.swap(body.version)
@@ -189,9 +208,11 @@ async def swap(body: SwapRequest, ingress: Backend) -> dict[str, Any]:
 def build_api(ingress: Ingress) -> FastAPI:
     """The FastAPI app over `ingress`: routes, error bodies, the body-size limit."""
     api = FastAPI(
-        title="rayrag", exception_handlers=ERROR_HANDLERS,
+        title="rayrag",
+        exception_handlers=ERROR_HANDLERS,
         description="Retrieval-Augmented Generation (Lewis et al. 2020) on Ray Serve. Every "
-        f"answer carries its provenance. Limits: body ≤ {MAX_BODY_BYTES} bytes; see the schemas.")
+        f"answer carries its provenance. Limits: body ≤ {MAX_BODY_BYTES} bytes; see the schemas.",
+    )
     api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     api.include_router(router)
     api.state.ingress = ingress
@@ -199,7 +220,7 @@ def build_api(ingress: Ingress) -> FastAPI:
 
 
 IngressDeployment = serve.deployment(
-    name="Ingress", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
+    name="Ingress", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}
 )(serve.ingress()(Ingress))
 
 
@@ -208,8 +229,6 @@ def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.from_args(args)
     if config.ingress.admin_token is None and os.environ.get(ADMIN_TOKEN_ENV):
         config.ingress.admin_token = os.environ[ADMIN_TOKEN_ENV]
-    retriever = RetrieverDeployment.options(**config.retriever.deployment_options()).bind(
-        config.retriever)
-    generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(
-        config.generator)
+    retriever = RetrieverDeployment.options(**config.retriever.deployment_options()).bind(config.retriever)
+    generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(config.generator)
     return IngressDeployment.bind(retriever, generator, config.ingress)

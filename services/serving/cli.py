@@ -1,4 +1,5 @@
 """`rayrag` subcommands owned by the services package."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,25 @@ def _add_ask(subcommands: argparse._SubParsersAction) -> None:
     ask.add_argument("--corpus", default="default", help="default | squad-open | FILE.jsonl | FILE.json")
     ask.add_argument("--limit", type=int, default=None, help="use only the first N passages")
     ask.add_argument("--n-docs", type=int, default=5, help="passages retrieved (K)")
-    ask.add_argument("--mode", choices=["sequence", "token"], default="sequence",
-                     help="RAG-Sequence or RAG-Token")
-    ask.add_argument("--decoding", choices=["thorough", "fast"], default="fast",
-                     help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)")
+    ask.add_argument(
+        "--mode", choices=["sequence", "token"], default="sequence", help="RAG-Sequence or RAG-Token"
+    )
+    ask.add_argument(
+        "--decoding",
+        choices=["thorough", "fast"],
+        default="fast",
+        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
+    )
     ask.add_argument("--num-beams", type=int, default=4)
     ask.add_argument("--max-new-tokens", type=int, default=32)
     ask.add_argument("--encoder", default="default", help="query encoder: name or path")
     ask.add_argument("--doc-encoder", default=None, help="document encoder (default: same as --encoder)")
     ask.add_argument("--generator", default="default", help="generator: name, path or .gguf file")
-    ask.add_argument("--cache-dir", default=None,
-                     help="converted models and vectors (default $RAYRAG_CACHE, else ~/.cache/rayrag)")
+    ask.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted models and vectors (default $RAYRAG_CACHE, else ~/.cache/rayrag)",
+    )
     ask.set_defaults(run=run_ask)
 
 
@@ -62,8 +71,11 @@ def serve_app_args(config: ServeFile, args: argparse.Namespace) -> dict:
     """The config file's app args with the command line's models and index on top; a pinned
     `--index-version` stops the app from following the root's published pointer."""
     app_args = config.app_args
-    models = {key: value for key, value in (("generator", args.generator),
-                                            ("query_encoder", args.query_encoder)) if value}
+    models = {
+        key: value
+        for key, value in (("generator", args.generator), ("query_encoder", args.query_encoder))
+        if value
+    }
     app_args["models"] = {**(app_args.get("models") or {}), **models}
     index = dict(app_args.get("index") or {})
     if args.index_root:
@@ -131,11 +143,14 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.start(http_options=http, controller_options=config.controller_options or None)
     serve.run(build_app(app_args), name=app.name, route_prefix=app.route_prefix)
     url = f"http://{http['host']}:{http['port']}"
-    print(f"\nrayrag is serving on {url} (API docs: {url}/docs). Try:\n"
-          f"  rayrag ask \"Who directed 2001: A Space Odyssey?\"\n"
-          f"  curl -s {url}/v1/answer -H 'content-type: application/json' "
-          f"-d '{{\"question\": \"Who directed 2001: A Space Odyssey?\"}}'\n"
-          f"Ctrl-C stops it.", flush=True)
+    print(
+        f"\nrayrag is serving on {url} (API docs: {url}/docs). Try:\n"
+        f'  rayrag ask "Who directed 2001: A Space Odyssey?"\n'
+        f"  curl -s {url}/v1/answer -H 'content-type: application/json' "
+        f'-d \'{{"question": "Who directed 2001: A Space Odyssey?"}}\'\n'
+        f"Ctrl-C stops it.",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         while True:
@@ -153,27 +168,36 @@ def ask_http(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    body = {"question": args.question, "n_docs": args.n_docs, "mode": args.mode,
-            "decoding": args.decoding, "num_beams": args.num_beams,
-            "max_new_tokens": args.max_new_tokens}
-    request = urllib.request.Request(f"{args.url.rstrip('/')}/v1/answer",
-                                     data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
+    body = {
+        "question": args.question,
+        "n_docs": args.n_docs,
+        "mode": args.mode,
+        "decoding": args.decoding,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    request = urllib.request.Request(
+        f"{args.url.rstrip('/')}/v1/answer",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
             answer = json.load(response)
     except urllib.error.HTTPError as error:
         raise ValueError(json.load(error).get("error", {}).get("message", str(error))) from error
     except (urllib.error.URLError, ConnectionError) as error:
-        raise ValueError(f"no rayrag server at {args.url} ({error}); start one with "
-                         f"`rayrag serve`, or use `rayrag ask --local`") from error
+        raise ValueError(
+            f"no rayrag server at {args.url} ({error}); start one with "
+            f"`rayrag serve`, or use `rayrag ask --local`"
+        ) from error
     print(f"Answer: {answer['answer']}")
-    partial = (f", only {answer['index_coverage']:.0%} of the index answered"
-               if answer["index_coverage"] < 1 else "")
+    partial = (
+        f", only {answer['index_coverage']:.0%} of the index answered" if answer["index_coverage"] < 1 else ""
+    )
     print(f"Sources (index {answer['index_version']}, {answer['mode']}{partial}):")
     for rank, doc in enumerate(answer["docs"], start=1):
-        print(f"  [{rank}] {doc['title']} (p={doc['prob']:.2f}, passage {doc['id']}): "
-              f"{doc['text'][:100]}")
+        print(f"  [{rank}] {doc['title']} (p={doc['prob']:.2f}, passage {doc['id']}): {doc['text'][:100]}")
     return 0
 
 
@@ -183,18 +207,27 @@ def _run_ask_any(args: argparse.Namespace) -> int:
 
 def _add_serving(subcommands: argparse._SubParsersAction) -> None:
     serve_cmd = subcommands.add_parser(
-        "serve", help="the main job: build the index if absent, serve RAG on 127.0.0.1:8000")
-    serve_cmd.add_argument("--config", default=None,
-                           help="a Serve config file (default: ./deploy.yaml, else the packaged one)")
+        "serve", help="the main job: build the index if absent, serve RAG on 127.0.0.1:8000"
+    )
+    serve_cmd.add_argument(
+        "--config", default=None, help="a Serve config file (default: ./deploy.yaml, else the packaged one)"
+    )
     serve_cmd.add_argument("--port", type=int, default=None, help="override http_options.port")
-    serve_cmd.add_argument("--generator", default=None,
-                           help="generator name or path (e.g. EXPORT/generator from `rayrag export`)")
-    serve_cmd.add_argument("--query-encoder", default=None,
-                           help="query encoder name or path (e.g. EXPORT/query_encoder)")
+    serve_cmd.add_argument(
+        "--generator",
+        default=None,
+        help="generator name or path (e.g. EXPORT/generator from `rayrag export`)",
+    )
+    serve_cmd.add_argument(
+        "--query-encoder", default=None, help="query encoder name or path (e.g. EXPORT/query_encoder)"
+    )
     serve_cmd.add_argument("--index-root", default=None, help="override index.root")
-    serve_cmd.add_argument("--index-version", default=None,
-                           help="serve this version and do not follow the published pointer "
-                                "(e.g. the one a checkpoint with a trained doc encoder names)")
+    serve_cmd.add_argument(
+        "--index-version",
+        default=None,
+        help="serve this version and do not follow the published pointer "
+        "(e.g. the one a checkpoint with a trained doc encoder names)",
+    )
     serve_cmd.set_defaults(run=run_serve)
     ask = subcommands.choices["ask"]
     ask.add_argument("--url", default=DEFAULT_URL, help="the running app (without --local)")

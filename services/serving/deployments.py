@@ -1,4 +1,5 @@
 """The Retriever and Generator Serve deployments, their typed configs, and what they exchange."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,10 +46,16 @@ class DeploymentConfig(Config):
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
     def deployment_options(self) -> dict[str, Any]:
-        scale = ({"autoscaling_config": self.autoscaling_config} if self.autoscaling_config
-                 else {"num_replicas": self.num_replicas})
-        return {**scale, "ray_actor_options": {"num_cpus": self.num_cpus},
-                "max_ongoing_requests": max(8, 2 * self.batch.max_batch_size)}
+        scale = (
+            {"autoscaling_config": self.autoscaling_config}
+            if self.autoscaling_config
+            else {"num_replicas": self.num_replicas}
+        )
+        return {
+            **scale,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": max(8, 2 * self.batch.max_batch_size),
+        }
 
 
 class ServedIndex(Config):
@@ -122,11 +129,14 @@ class AppConfig(Config):
         parsed = AppArgs.parse(args or {}, "args.")
         served = parsed.index.model_dump(by_alias=True, include=set(ServedIndex.model_fields))
         retriever = RetrieverConfig.model_validate(
-            {**parsed.retriever.model_dump(), **served, "query_encoder": parsed.models.query_encoder})
+            {**parsed.retriever.model_dump(), **served, "query_encoder": parsed.models.query_encoder}
+        )
         generator = GeneratorConfig.model_validate(
-            {**parsed.generator.model_dump(), "generator": parsed.models.generator})
-        return cls(retriever=retriever, generator=generator,
-                   ingress=IngressConfig(admin_token=parsed.admin_token))
+            {**parsed.generator.model_dump(), "generator": parsed.models.generator}
+        )
+        return cls(
+            retriever=retriever, generator=generator, ingress=IngressConfig(admin_token=parsed.admin_token)
+        )
 
 
 @dataclass
@@ -144,8 +154,10 @@ def docs_of(found: Retrieved) -> list[Doc]:
     from services.rag.marginal import doc_log_probs
 
     probs = doc_log_probs(torch.from_numpy(found.doc_scores)).exp()[0]  # (K,)
-    return [Doc(id=int(i), title=t, text=x, score=float(s), prob=float(p))
-            for i, t, x, s, p in zip(found.ids[0], found.titles[0], found.texts[0], found.doc_scores[0], probs)]
+    return [
+        Doc(id=int(i), title=t, text=x, score=float(s), prob=float(p))
+        for i, t, x, s, p in zip(found.ids[0], found.titles[0], found.texts[0], found.doc_scores[0], probs)
+    ]
 
 
 def _set_batching(method: Any, batch: BatchConfig) -> None:
@@ -167,10 +179,15 @@ class RetrieverDeployment:
         self.encoder = TextEncoder.from_pretrained(config.query_encoder).eval()
         self.doc_score_scale = default_doc_score_scale(self.encoder)
         self.seen_pointer = published_version(config.index_root)
-        self.group = ShardGroup(ShardGroupConfig(
-            index_root=config.index_root, replicas=config.shard_replicas,
-            shard_cpus=config.shard_cpus, faiss_threads=config.faiss_threads),
-            version=config.version)
+        self.group = ShardGroup(
+            ShardGroupConfig(
+                index_root=config.index_root,
+                replicas=config.shard_replicas,
+                shard_cpus=config.shard_cpus,
+                faiss_threads=config.faiss_threads,
+            ),
+            version=config.version,
+        )
         self.failure: BaseException | None = None
         self.stop = threading.Event()
         _set_batching(self.retrieve, config.batch)
@@ -210,17 +227,26 @@ class RetrieverDeployment:
         """Index version, coverage and live replicas per shard; ok while every shard has one."""
         report = self.group.health()
         live = [sum(r["state"] == "ready" for r in row) for row in report["shards"]]
-        return {"ok": self.failure is None and min(live) > 0, "index_version": report["version"],
-                "coverage": report["coverage"], "live_replicas": live,
-                "shards": report["shards"]}
+        return {
+            "ok": self.failure is None and min(live) > 0,
+            "index_version": report["version"],
+            "coverage": report["coverage"],
+            "live_replicas": live,
+            "shards": report["shards"],
+        }
 
     def index_info(self) -> dict[str, Any]:
         manifest = self.group.manifest
-        return {"version": self.group.version, "passages": manifest.count,
-                "shards": len(manifest.shards), "dim": manifest.dim,
-                "encoder": manifest.encoder, "index_type": manifest.index_type,
-                "published": published_version(self.config.index_root),
-                "versions": list_versions(self.config.index_root)}
+        return {
+            "version": self.group.version,
+            "passages": manifest.count,
+            "shards": len(manifest.shards),
+            "dim": manifest.dim,
+            "encoder": manifest.encoder,
+            "index_type": manifest.index_type,
+            "published": published_version(self.config.index_root),
+            "versions": list_versions(self.config.index_root),
+        }
 
     def check_health(self) -> None:
         if self.failure is not None:

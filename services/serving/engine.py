@@ -1,4 +1,5 @@
 """The generator engine the Generator deployment runs: its interface, its request, the RAG default."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -55,6 +56,13 @@ class RagEngine:
 
         first = requests[0]
         return generate_answers(
-            self.generator, [r.question for r in requests], [r.titles for r in requests],
-            [r.texts for r in requests], [r.doc_scores for r in requests], mode=first.mode,
-            decoding=first.decoding, num_beams=first.num_beams, max_new_tokens=first.max_new_tokens)
+            self.generator,
+            [r.question for r in requests],
+            [r.titles for r in requests],
+            [r.texts for r in requests],
+            [r.doc_scores for r in requests],
+            mode=first.mode,
+            decoding=first.decoding,
+            num_beams=first.num_beams,
+            max_new_tokens=first.max_new_tokens,
+        )

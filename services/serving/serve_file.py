@@ -1,4 +1,5 @@
 """deploy.yaml, the Serve config file that `rayrag serve`, `serve run`, the benchmark and the tests share."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Text encoders: pooling against references, DPR-style loading, fingerprints, bad names."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,12 @@ def test_forward_is_differentiable_and_encode_keeps_train_mode(tiny_path: str) -
 
 def test_dpr_context_encoder_uses_its_cls_pooler(tmp_path: Path) -> None:
     config = transformers.DPRConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, projection_dim=0,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        projection_dim=0,
     )
     torch.manual_seed(0)
     reference = transformers.DPRContextEncoder(config).eval()

@@ -1,4 +1,5 @@
 """Index versions on disk: build from vectors, manifest, atomic commit/publish, bad input (no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,32 @@ from cluster.passages import Passage
 
 def _corpus(n: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, list[Passage]]:
     vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)  # (N, d)
-    return vectors, [Passage(id=i, title=f"title {i}", text=f"text of passage {i} — ünïcode") for i in range(n)]
+    return vectors, [
+        Passage(id=i, title=f"title {i}", text=f"text of passage {i} — ünïcode") for i in range(n)
+    ]
 
 
 def test_build_writes_manifest_and_publishes(tmp_path: Path) -> None:
     vectors, passages = _corpus(50)
-    first = build_index_from_vectors(vectors, passages, tmp_path, shards=3, encoder="enc", encoder_fingerprint="f1")
+    first = build_index_from_vectors(
+        vectors, passages, tmp_path, shards=3, encoder="enc", encoder_fingerprint="f1"
+    )
     second = build_index_from_vectors(vectors, passages, tmp_path, shards=2, publish=False)
     assert (first, second) == ("v0001", "v0002")
     assert list_versions(tmp_path) == ["v0001", "v0002"] and published_version(tmp_path) == "v0001"
     assert resolve_version(tmp_path, None) == "v0001"
     manifest = load_manifest(tmp_path, first)
-    assert (manifest.dim, manifest.count, manifest.encoder, manifest.encoder_fingerprint) == (16, 50, "enc", "f1")
-    assert [(s.id_min, s.id_max, s.count) for s in manifest.shards] == [(0, 16, 17), (17, 32, 16), (33, 49, 17)]
+    assert (manifest.dim, manifest.count, manifest.encoder, manifest.encoder_fingerprint) == (
+        16,
+        50,
+        "enc",
+        "f1",
+    )
+    assert [(s.id_min, s.id_max, s.count) for s in manifest.shards] == [
+        (0, 16, 17),
+        (17, 32, 16),
+        (33, 49, 17),
+    ]
     for shard in manifest.shards:
         verify_shard_files(version_dir(tmp_path, first), shard)
     publish(tmp_path, second)

@@ -1,4 +1,5 @@
 """merge_topk and merge_hits against a brute-force global sort over the concatenated shard lists."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,18 +62,27 @@ def test_bad_k(k: int) -> None:
         merge_topk([np.zeros((1, 1), np.float32)], [np.zeros((1, 1), np.int64)], k)
 
 
-def _shard_hits(vectors: np.ndarray, scores: np.ndarray, parts: int, k: int,
-                version: str = "v0001") -> list[ShardHits]:
+def _shard_hits(
+    vectors: np.ndarray, scores: np.ndarray, parts: int, k: int, version: str = "v0001"
+) -> list[ShardHits]:
     """Each part's top-k by the (B, N) scores, with the payload of the (N, d) vectors, as a shard answers."""
     hits = []
     for shard, chunk in enumerate(np.array_split(np.arange(len(vectors)), parts)):
         local = scores[:, chunk]  # (B, n)
         order = np.argsort(-local, axis=1, kind="stable")[:, :k]  # (B, k')
         ids = chunk[order]  # (B, k')
-        hits.append(ShardHits(scores=np.take_along_axis(local, order, axis=1), ids=ids,
-                              titles=[[f"t{i}" for i in row] for row in ids],
-                              texts=[[f"x{i}" for i in row] for row in ids],
-                              vectors=vectors[ids], version=version, shard=shard, search_ms=0.0))
+        hits.append(
+            ShardHits(
+                scores=np.take_along_axis(local, order, axis=1),
+                ids=ids,
+                titles=[[f"t{i}" for i in row] for row in ids],
+                texts=[[f"x{i}" for i in row] for row in ids],
+                vectors=vectors[ids],
+                version=version,
+                shard=shard,
+                search_ms=0.0,
+            )
+        )
     return hits
 
 

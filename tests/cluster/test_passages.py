@@ -1,4 +1,5 @@
 """Chunking and corpus/QA loading: word limits, stable ids, titles, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -6,13 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.passages import (
-    Passage,
-    chunk_documents,
-    load_corpus,
-    passage_text,
-    squad_dev_path,
-)
+from cluster.passages import Passage, chunk_documents, load_corpus, passage_text, squad_dev_path
 from training.data import QAExample, load_qa
 
 
@@ -90,10 +85,20 @@ def test_empty_corpus_and_unknown_spec(tmp_path: Path) -> None:
 
 
 def _squad_file(tmp_path: Path, answers: list[dict]) -> Path:
-    data = {"data": [{"title": "Super_Bowl_50", "paragraphs": [
-        {"context": "Denver won. " + _words(120), "qas": [
-            {"id": "q1", "question": "Who won?", "answers": answers}]},
-        {"context": "A second paragraph.", "qas": []}]}]}
+    data = {
+        "data": [
+            {
+                "title": "Super_Bowl_50",
+                "paragraphs": [
+                    {
+                        "context": "Denver won. " + _words(120),
+                        "qas": [{"id": "q1", "question": "Who won?", "answers": answers}],
+                    },
+                    {"context": "A second paragraph.", "qas": []},
+                ],
+            }
+        ]
+    }
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
     return path
@@ -114,8 +119,12 @@ def test_squad_question_without_answers_is_an_error(tmp_path: Path) -> None:
 
 def test_jsonl_qa(tmp_path: Path) -> None:
     path = tmp_path / "qa.jsonl"
-    path.write_text(json.dumps({"question": "Q1?", "answers": ["a", "b"]}) + "\n"
-                    + json.dumps({"question": "Q2?", "answers": "c"}) + "\n")
+    path.write_text(
+        json.dumps({"question": "Q1?", "answers": ["a", "b"]})
+        + "\n"
+        + json.dumps({"question": "Q2?", "answers": "c"})
+        + "\n"
+    )
     assert load_qa(str(path)) == [QAExample("Q1?", ("a", "b")), QAExample("Q2?", ("c",))]
     path.write_text(json.dumps({"question": "Q3?", "answers": []}) + "\n")
     with pytest.raises(ValueError, match="line 1 has no answers"):

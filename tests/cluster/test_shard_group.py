@@ -1,4 +1,5 @@
 """ShardGroup on a real local Ray: exactness vs one IndexFlatIP, ANN recall, failover, hot swap."""
+
 from __future__ import annotations
 
 import threading
@@ -92,16 +93,23 @@ def test_sharded_equals_flat(ray_session, tmp_path: Path, data, shards: int) -> 
             scores, ids = _flat_reference(vectors[:n], queries, k)
             np.testing.assert_array_equal(result.ids, ids)
             np.testing.assert_allclose(result.scores, scores, atol=1e-5)
-            expected_vectors = np.where((ids >= 0)[..., None], vectors[:n][ids], 0.0)  # (B, k, d); -1 = padding
+            expected_vectors = np.where(
+                (ids >= 0)[..., None], vectors[:n][ids], 0.0
+            )  # (B, k, d); -1 = padding
             np.testing.assert_array_equal(result.vectors, expected_vectors)
-            assert result.titles[3] == [f"a-{i}" if i >= 0 else "" for i in ids[3]] and result.texts[0][0] == f"a passage {ids[0, 0]}"
+            assert (
+                result.titles[3] == [f"a-{i}" if i >= 0 else "" for i in ids[3]]
+                and result.texts[0][0] == f"a passage {ids[0, 0]}"
+            )
             assert (result.version, result.coverage) == (version, 1.0)
     finally:
         group.close()
 
 
-@pytest.mark.parametrize("index_type,params", [("HNSW32", {"efSearch": 64}),
-                                               ("IVF32,PQ16x4,RFlat", {"nprobe": 16, "k_factor_rf": 16})])
+@pytest.mark.parametrize(
+    "index_type,params",
+    [("HNSW32", {"efSearch": 64}), ("IVF32,PQ16x4,RFlat", {"nprobe": 16, "k_factor_rf": 16})],
+)
 def test_ann_recall(ray_session, tmp_path: Path, data, index_type: str, params: dict) -> None:
     vectors, queries = data
     build_index_from_vectors(vectors, _passages(len(vectors), "a"), tmp_path, shards=2, index_type=index_type)
@@ -136,8 +144,10 @@ def test_replica_killed_mid_stream(ray_session, tmp_path: Path, data) -> None:
         _, ids = _flat_reference(vectors, queries, 5)
         assert not [r for r in results if isinstance(r, Exception)]
         assert all(r.coverage == 1.0 and np.array_equal(r.ids, ids) for r in results)
-        _wait_for(lambda: all(r["state"] == "ready" for row in group.health()["shards"] for r in row),
-                  "both killed replicas to be restarted")
+        _wait_for(
+            lambda: all(r["state"] == "ready" for row in group.health()["shards"] for r in row),
+            "both killed replicas to be restarted",
+        )
     finally:
         group.close()
 
@@ -186,13 +196,17 @@ def test_swap_under_load_and_refusals(ray_session, tmp_path: Path, data) -> None
             assert all(t.startswith(f"{tag}-") for row in result.titles for t in row), result.titles
         assert {r.version for r in results} == {old, new}
         _, ids = _flat_reference(vectors[::-1].copy(), queries, 5)
-        assert after.version == new and np.array_equal(after.ids, ids) and after.titles[0][0].startswith("new-")
+        assert (
+            after.version == new and np.array_equal(after.ids, ids) and after.titles[0][0].startswith("new-")
+        )
         _check_refusals(group, tmp_path, vectors, queries, new)
     finally:
         group.close()
 
 
-def _check_refusals(group: ShardGroup, root: Path, vectors: np.ndarray, queries: np.ndarray, serving: str) -> None:
+def _check_refusals(
+    group: ShardGroup, root: Path, vectors: np.ndarray, queries: np.ndarray, serving: str
+) -> None:
     """Corrupt, missing-shard and wrong-dim versions are refused; the serving version keeps answering."""
     corrupt = build_index_from_vectors(vectors, _passages(len(vectors), "bad"), root, shards=2)
     path = version_dir(root, corrupt) / load_manifest(root, corrupt).shards[1].files["index"]

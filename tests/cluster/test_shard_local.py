@@ -1,4 +1,5 @@
 """One Shard built in-process (no Ray): exact search, stored vectors, checksum refusal, bad params."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,14 @@ def corpus() -> tuple[np.ndarray, list[Passage]]:
 @pytest.mark.parametrize("index_type", ["Flat", "IVF8,PQ4x4"])
 def test_shard_search_and_vectors(tmp_path: Path, corpus, index_type: str) -> None:
     vectors, passages = corpus
-    version = build_index_from_vectors(vectors, passages, tmp_path, shards=2, index_type=index_type,
-                                       search_params={"nprobe": 8} if "IVF" in index_type else None)
+    version = build_index_from_vectors(
+        vectors,
+        passages,
+        tmp_path,
+        shards=2,
+        index_type=index_type,
+        search_params={"nprobe": 8} if "IVF" in index_type else None,
+    )
     shard = Shard(ShardConfig(index_root=str(tmp_path), version=version, shard=1, faiss_threads=1))
     queries = vectors[[160, 299]] + 0.01  # (2, d)
     hits = shard.search(queries, k=4, return_vectors=True)
@@ -55,8 +62,11 @@ def test_flat_shard_maps_its_files_rather_than_copying_them(tmp_path: Path) -> N
     hits = shard.search(vectors[:3], k=5, return_vectors=True)
     grown = read_smaps_rollup(os.getpid())["Anonymous"] - before
     np.testing.assert_array_equal(hits.ids[:, 0], [0, 1, 2])
-    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-              if len(line.split()) >= 6}
+    mapped = {
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if len(line.split()) >= 6
+    }
     assert str(index_file) in mapped
     assert grown < vectors.nbytes / 2, f"anonymous memory grew {grown} bytes for {vectors.nbytes} of vectors"
 

@@ -1,4 +1,5 @@
 """A two-node Ray cluster (ray.cluster_utils.Cluster, in a subprocess) gets shards on both nodes."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, signal, sys
     import faiss
     import numpy as np
@@ -51,20 +52,27 @@ SCRIPT = textwrap.dedent('''
         reference.add(vectors)
         nodes = [[r["node_id"] for r in row] for row in group.health()["shards"]]
         print(json.dumps({"nodes": nodes, "cluster_nodes": len(ray.nodes()), "coverage": result.coverage,
-                          "ids_equal": bool(np.array_equal(reference.search(vectors[:3], 4)[1], result.ids))}))
+                          "ids_equal": bool(np.array_equal(reference.search(vectors[:3], 4)[1],
+                                                            result.ids))}))
         group.close()
     finally:
         ray.shutdown()
         cluster.shutdown()
-''')
+""")
 
 
 def test_shards_spread_over_two_nodes(tmp_path: Path) -> None:
     script = tmp_path / "two_nodes.py"
     script.write_text(SCRIPT)
     repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "index")], cwd=repo, capture_output=True,
-                          text=True, timeout=200, env={**os.environ, "PYTHONPATH": str(repo)})
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "index")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["cluster_nodes"] == 2 and report["coverage"] == 1.0 and report["ids_equal"]

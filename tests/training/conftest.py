@@ -1,5 +1,6 @@
 """A toy RAG task shared by the training tests: tiny encoder + generator, a 32-passage corpus whose
 answers exist nowhere else, train/held-out questions, and a config builder."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-KEYS = ("apple river castle violin tiger planet harbor candle mirror forest rocket garden bridge desert "
-        "island engine falcon glacier lantern meadow orchard palace quartz saddle temple valley wagon "
-        "canyon dolphin eagle feather hammer").split()
-ANSWERS = ("red blue green black white gold silver pink brown gray orange purple north south east west "
-           "one two three four five six seven eight nine ten zero hot cold warm dry wet").split()
+KEYS = (
+    "apple river castle violin tiger planet harbor candle mirror forest rocket garden bridge desert "
+    "island engine falcon glacier lantern meadow orchard palace quartz saddle temple valley wagon "
+    "canyon dolphin eagle feather hammer"
+).split()
+ANSWERS = (
+    "red blue green black white gold silver pink brown gray orange purple north south east west "
+    "one two three four five six seven eight nine ten zero hot cold warm dry wet"
+).split()
 TRAIN = 24  # the first 24 keys are trained on; the rest are held out
 
 
@@ -31,16 +36,26 @@ class Toy:
 
     def raw_config(self, run_dir: Path, **overrides) -> dict:
         """A training config dict (YAML-shaped) for this toy; sections merge with `overrides`."""
-        raw = {"name": "toy", "storage_path": str(run_dir / "runs"),
-               "data": {"train": self.train},
-               "index": {"root": str(run_dir / "index"), "corpus": self.corpus, "shard_cpus": 0},
-               "models": {"query_encoder": self.encoder, "doc_encoder": self.encoder, "generator": self.generator},
-               "n_docs": 3, "mode": "sequence",
-               "optimizer": {"lr": 1e-2, "grad_clip": 1.0},
-               "schedule": {"steps": 6, "batch_size": 4, "checkpoint_every": 3},
-               "scaling": {"num_workers": 2}}
+        raw = {
+            "name": "toy",
+            "storage_path": str(run_dir / "runs"),
+            "data": {"train": self.train},
+            "index": {"root": str(run_dir / "index"), "corpus": self.corpus, "shard_cpus": 0},
+            "models": {
+                "query_encoder": self.encoder,
+                "doc_encoder": self.encoder,
+                "generator": self.generator,
+            },
+            "n_docs": 3,
+            "mode": "sequence",
+            "optimizer": {"lr": 1e-2, "grad_clip": 1.0},
+            "schedule": {"steps": 6, "batch_size": 4, "checkpoint_every": 3},
+            "scaling": {"num_workers": 2},
+        }
         for key, value in overrides.items():
-            raw[key] = raw[key] | value if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+            raw[key] = (
+                raw[key] | value if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+            )
         return raw
 
 
@@ -55,14 +70,19 @@ def toy(tmp_path_factory) -> Toy:
 
     root = tmp_path_factory.mktemp("toy")
     answers = dict(zip(KEYS, np.random.default_rng(0).permutation(ANSWERS).tolist()))
-    corpus = _write_jsonl(root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]}
-                                                  for i, k in enumerate(KEYS)])
+    corpus = _write_jsonl(
+        root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]} for i, k in enumerate(KEYS)]
+    )
     qa = [{"question": f"{k}?", "answers": [answers[k]]} for k in KEYS]
-    return Toy(root=root,
-               encoder=save_tiny_encoder(root / "encoder", dim=128, layers=0),
-               generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=64),
-               corpus=corpus, train=_write_jsonl(root / "train.jsonl", qa[:TRAIN]),
-               heldout=_write_jsonl(root / "heldout.jsonl", qa[TRAIN:]), answers=answers)
+    return Toy(
+        root=root,
+        encoder=save_tiny_encoder(root / "encoder", dim=128, layers=0),
+        generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=64),
+        corpus=corpus,
+        train=_write_jsonl(root / "train.jsonl", qa[:TRAIN]),
+        heldout=_write_jsonl(root / "heldout.jsonl", qa[TRAIN:]),
+        answers=answers,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +99,11 @@ def toy_index(toy, ray_session) -> Path:
 # exist only in their passage. There are too many training keys to memorise within the test's
 # steps, so reading the answer out of the top passage is what lowers the loss; held-out keys then
 # show whether the generator learned to read: no closed-book model can know their answers.
-MORE_KEYS = ("paris market capital earth degree coast letter season border window summer doctor "
-             "kitchen lesson pocket shadow ticket winter cotton basket button carpet circus dragon "
-             "farmer jacket ladder monkey parrot pepper pillow rabbit").split()
+MORE_KEYS = (
+    "paris market capital earth degree coast letter season border window summer doctor "
+    "kitchen lesson pocket shadow ticket winter cotton basket button carpet circus dragon "
+    "farmer jacket ladder monkey parrot pepper pillow rabbit"
+).split()
 POOL = 16
 COPY_TRAIN, COPY_HELDOUT = 600, POOL
 TOY_SEED = int(os.environ.get("RAYRAG_TOY_SEED", "0"))  # another seed: another toy, init and data order
@@ -103,12 +125,19 @@ def copy_toy(tmp_path_factory) -> Toy:
     pool = ANSWERS[:POOL]
     answers = {k: pool[i] for k, i in zip(keys[:COPY_TRAIN], rng.integers(0, POOL, COPY_TRAIN))}
     answers |= dict(zip(keys[COPY_TRAIN:], rng.permutation(pool).tolist()))
-    corpus = _write_jsonl(root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]}
-                                                  for i, k in enumerate(keys)])
+    corpus = _write_jsonl(
+        root / "corpus.jsonl", [{"id": i, "title": k, "text": answers[k]} for i, k in enumerate(keys)]
+    )
     qa = [{"question": f"{k}?", "answers": [answers[k]]} for k in keys]
-    return Toy(root=root,
-               encoder=save_tiny_encoder(root / "encoder", dim=768, layers=0),
-               generator=save_tiny_generator(root / "generator", kind="seq2seq", dim=128, layers=1,
-                                             encoder_layers=0, seed=TOY_SEED),
-               corpus=corpus, train=_write_jsonl(root / "train.jsonl", qa[:COPY_TRAIN]),
-               heldout=_write_jsonl(root / "heldout.jsonl", qa[COPY_TRAIN:]), answers=answers, seed=TOY_SEED)
+    return Toy(
+        root=root,
+        encoder=save_tiny_encoder(root / "encoder", dim=768, layers=0),
+        generator=save_tiny_generator(
+            root / "generator", kind="seq2seq", dim=128, layers=1, encoder_layers=0, seed=TOY_SEED
+        ),
+        corpus=corpus,
+        train=_write_jsonl(root / "train.jsonl", qa[:COPY_TRAIN]),
+        heldout=_write_jsonl(root / "heldout.jsonl", qa[COPY_TRAIN:]),
+        answers=answers,
+        seed=TOY_SEED,
+    )

@@ -1,4 +1,5 @@
 """Global batches and per-worker shares: every example once per epoch, shares partition the batch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,9 @@ from training.loop import global_batch, local_slice, share_weight
 
 def _epoch_stream(num_examples: int, seed: int, epochs: int) -> list[int]:
     """The reference: epoch e's seeded permutation of every example, epochs laid end to end."""
-    return np.concatenate([np.random.default_rng(seed + e).permutation(num_examples)
-                           for e in range(epochs)]).tolist()
+    return np.concatenate(
+        [np.random.default_rng(seed + e).permutation(num_examples) for e in range(epochs)]
+    ).tolist()
 
 
 @pytest.mark.parametrize("num_examples, batch_size", [(10, 4), (7, 3), (5, 5), (3, 8)])
@@ -18,8 +20,10 @@ def test_global_batches_cut_the_epoch_stream(num_examples, batch_size):
     steps = 6
     stream = _epoch_stream(num_examples, seed=3, epochs=steps * batch_size // num_examples + 1)
     for step in range(steps):
-        assert global_batch(num_examples, step, batch_size, seed=3) == \
-            stream[step * batch_size:(step + 1) * batch_size], step
+        assert (
+            global_batch(num_examples, step, batch_size, seed=3)
+            == stream[step * batch_size : (step + 1) * batch_size]
+        ), step
 
 
 def test_each_epoch_is_a_new_permutation():

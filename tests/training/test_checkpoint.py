@@ -1,4 +1,5 @@
 """Checkpoints: weights + optimiser + step + index version round-trip; incompatible models refused."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ def test_export_gives_folders_that_load_as_the_trained_models(tmp_path, capsys):
     from training.modules import build_train_module, export_models
 
     encoder = save_tiny_encoder(tmp_path / "encoder")
-    models = ModelsConfig(query_encoder=encoder, doc_encoder=encoder,
-                          generator=save_tiny_generator(tmp_path / "generator"))
+    models = ModelsConfig(
+        query_encoder=encoder, doc_encoder=encoder, generator=save_tiny_generator(tmp_path / "generator")
+    )
     module = build_train_module(models, "sequence", train_doc_encoder=True)
     with torch.no_grad():  # stand-in for training: every weight moves away from the start
         for parameter in module.parameters():
@@ -66,7 +68,10 @@ def test_export_gives_folders_that_load_as_the_trained_models(tmp_path, capsys):
 
     folders = export_models(tmp_path / "ckpt", tmp_path / "export")
     query = TextEncoder.from_pretrained(folders["query_encoder"])
-    assert (query.pooling, query.normalize) == (module.rag.query_encoder.pooling, module.rag.query_encoder.normalize)
+    assert (query.pooling, query.normalize) == (
+        module.rag.query_encoder.pooling,
+        module.rag.query_encoder.normalize,
+    )
     texts = ["apple?", "a longer question about a river"]
     assert (query.encode(texts) == module.rag.query_encoder.encode(texts)).all()
     doc = TextEncoder.from_pretrained(folders["doc_encoder"])

@@ -1,4 +1,5 @@
 """Training config: YAML → typed pydantic models, errors that name the key, the refresh schedule."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,16 @@ from training.config import RefreshSchedule, load_config
 @pytest.fixture()
 def raw(tmp_path) -> dict:
     (tmp_path / "train.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
-    return {"name": "toy", "storage_path": str(tmp_path / "runs"),
-            "data": {"train": "train.jsonl"}, "index": {"root": str(tmp_path / "index"), "corpus": "default"},
-            "schedule": {"steps": 10, "batch_size": 4, "checkpoint_every": 5},
-            "optimizer": {"lr": "3e-4"}, "scaling": {"num_workers": [1, 2]}, "refresh": "0-4:2,4-:3"}
+    return {
+        "name": "toy",
+        "storage_path": str(tmp_path / "runs"),
+        "data": {"train": "train.jsonl"},
+        "index": {"root": str(tmp_path / "index"), "corpus": "default"},
+        "schedule": {"steps": 10, "batch_size": 4, "checkpoint_every": 5},
+        "optimizer": {"lr": "3e-4"},
+        "scaling": {"num_workers": [1, 2]},
+        "refresh": "0-4:2,4-:3",
+    }
 
 
 def write(tmp_path, raw: dict):
@@ -53,20 +60,23 @@ def test_example_config_loads_every_value_it_writes():
         assert (list(loaded) if isinstance(written, list) else loaded) == written, ".".join(path)
 
 
-@pytest.mark.parametrize("path, value, message", [
-    (("schedule", "steps"), None, "missing config key 'schedule.steps'"),
-    (("data", "train"), None, "missing config key 'data.train'"),
-    (("schedule", "steps"), "ten", "config key 'schedule.steps' has a bad value 'ten'"),
-    (("schedule", "batch_size"), 0, "'schedule.batch_size' must be >= 1"),
-    (("mode",), "beam", "config key 'mode' must be 'sequence' or 'token', got 'beam'"),
-    (("n_docs",), 0, "config key 'n_docs' must be >= 1"),
-    (("refresh",), "0-10", "config key 'refresh': bad range '0-10'"),
-    (("scaling", "num_workers"), [2, 1], "config key 'scaling.num_workers'"),
-    (("optimizer", "lr"), -1, "config key 'optimizer.lr' must be > 0"),
-    (("optimizer", "momentum"), 0.9, "unknown config key 'optimizer.momentum'"),
-    (("data", "eval"), "nope.jsonl", "config key 'data.eval': no such file"),
-    (("schedule",), "steps", "config key 'schedule' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("schedule", "steps"), None, "missing config key 'schedule.steps'"),
+        (("data", "train"), None, "missing config key 'data.train'"),
+        (("schedule", "steps"), "ten", "config key 'schedule.steps' has a bad value 'ten'"),
+        (("schedule", "batch_size"), 0, "'schedule.batch_size' must be >= 1"),
+        (("mode",), "beam", "config key 'mode' must be 'sequence' or 'token', got 'beam'"),
+        (("n_docs",), 0, "config key 'n_docs' must be >= 1"),
+        (("refresh",), "0-10", "config key 'refresh': bad range '0-10'"),
+        (("scaling", "num_workers"), [2, 1], "config key 'scaling.num_workers'"),
+        (("optimizer", "lr"), -1, "config key 'optimizer.lr' must be > 0"),
+        (("optimizer", "momentum"), 0.9, "unknown config key 'optimizer.momentum'"),
+        (("data", "eval"), "nope.jsonl", "config key 'data.eval': no such file"),
+        (("schedule",), "steps", "config key 'schedule' must be a mapping"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, raw, path, value, message):
     section = raw
     for key in path[:-1]:
@@ -98,12 +108,15 @@ def test_refresh_ranges_hold_their_end_not_their_start():
     assert [s for s in range(1, 40) if schedule.is_refresh_step(s)] == [15, 20, 30]
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"variant": "sequence"}, "unknown config key 'variant'"),
-    ({"index": {"root": "r", "shard_cpus": -1}}, "config key 'index.shard_cpus' must be >= 0"),
-    ({"scaling": {"num_workers": "two"}}, "config key 'scaling.num_workers': must be n >= 1"),
-    ({"name": "a b"}, "config key 'name' has a bad value 'a b'"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"variant": "sequence"}, "unknown config key 'variant'"),
+        ({"index": {"root": "r", "shard_cpus": -1}}, "config key 'index.shard_cpus' must be >= 0"),
+        ({"scaling": {"num_workers": "two"}}, "config key 'scaling.num_workers': must be n >= 1"),
+        ({"name": "a b"}, "config key 'name' has a bad value 'a b'"),
+    ],
+)
 def test_one_line_error_names_the_key(tmp_path, raw, patch, message):
     with pytest.raises(ValueError, match=message) as caught:
         load_config(write(tmp_path, raw | patch))

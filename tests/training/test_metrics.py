@@ -1,15 +1,10 @@
 """EM / F1 with SQuAD normalisation and recall@k, against hand-worked cases."""
+
 from __future__ import annotations
 
 import pytest
 
-from training.metrics import (
-    exact_match,
-    f1_score,
-    normalize_answer,
-    recall_at_k,
-    score_predictions,
-)
+from training.metrics import exact_match, f1_score, normalize_answer, recall_at_k, score_predictions
 
 
 def test_normalisation_matches_squad():

@@ -1,4 +1,5 @@
 """Ray Train runs on the toy task: loss, refresh beside training, worker failure, elastic size, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def fresh_index(toy_index, run_dir) -> None:
 
 def test_refresh_beside_training_loss_falls_and_eval(toy, toy_index, tmp_path, capsys):
     fresh_index(toy_index, tmp_path)
-    cfg = config_from_dict(toy.raw_config(tmp_path, train_doc_encoder=True, refresh="0-4:4",
-                                          schedule={"steps": STEPS, "checkpoint_every": 8}))
+    cfg = config_from_dict(
+        toy.raw_config(
+            tmp_path,
+            train_doc_encoder=True,
+            refresh="0-4:4",
+            schedule={"steps": STEPS, "checkpoint_every": 8},
+        )
+    )
     outcome = run_training(cfg)
     rows = [r for r in history_rows(outcome.history) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -57,9 +64,31 @@ def test_refresh_beside_training_loss_falls_and_eval(toy, toy_index, tmp_path, c
 
     capsys.readouterr()
     out = tmp_path / "eval"
-    assert main(["eval", "--qa", toy.train, "--index-root", str(tmp_path / "index"), "--checkpoint",
-                 outcome.result.checkpoint.path, "--n-docs", "1", "3", "--num-beams", "2",
-                 "--max-new-tokens", "3", "--history", str(outcome.history), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--qa",
+                toy.train,
+                "--index-root",
+                str(tmp_path / "index"),
+                "--checkpoint",
+                outcome.result.checkpoint.path,
+                "--n-docs",
+                "1",
+                "3",
+                "--num-beams",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--history",
+                str(outcome.history),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) == {"closed_book", "rag_token", "rag_sequence"}
     assert (out / "loss.png").stat().st_size > 0 and (out / "em_vs_n_docs.png").stat().st_size > 0
@@ -76,8 +105,14 @@ def test_worker_killed_resumes_from_checkpoint_elastic_one_worker(toy, toy_index
     from a checkpoint and the run ends at the right step on the right index version."""
     fresh_index(toy_index, tmp_path)
     every = 2
-    cfg = config_from_dict(toy.raw_config(tmp_path, max_failures=1, scaling={"num_workers": [1, 2]},
-                                          schedule={"steps": 10, "checkpoint_every": every}))
+    cfg = config_from_dict(
+        toy.raw_config(
+            tmp_path,
+            max_failures=1,
+            scaling={"num_workers": [1, 2]},
+            schedule={"steps": 10, "checkpoint_every": every},
+        )
+    )
     fits_once = {"CPU": 0.6 * ray.cluster_resources()["CPU"]}
     outcome, errors = {}, []
 
@@ -106,11 +141,11 @@ def test_worker_killed_resumes_from_checkpoint_elastic_one_worker(toy, toy_index
     rows = history_rows(history)
     starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
     assert [rows[i]["world_size"] for i in starts] == [1, 1]
-    resumed, first_run = rows[starts[1]], [r["step"] for r in rows[:starts[1]] if "loss" in r]
+    resumed, first_run = rows[starts[1]], [r["step"] for r in rows[: starts[1]] if "loss" in r]
     # resumed from a checkpoint the first worker saved (not from scratch), and went on from its step
     assert resumed["step"] in range(every, max(first_run) + 1, every)
     assert resumed["resumed_from"].endswith(f"step-{resumed['step']:06d}")
-    assert [r["step"] for r in rows[starts[1]:] if "loss" in r] == list(range(resumed["step"] + 1, 11))
+    assert [r["step"] for r in rows[starts[1] :] if "loss" in r] == list(range(resumed["step"] + 1, 11))
     result = outcome["value"].result
     assert result.metrics["step"] == 10 and result.metrics["index_version"] == "v0001"
     assert read_state(result.checkpoint.path).step == 10
@@ -132,16 +167,22 @@ def _gradient_probe(loop_config: dict) -> None:
     module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).eval()  # no dropout
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
     share = local_slice(list(range(len(examples))), rank, world)
-    forward_backward(model, actor_search(loop_config["shard_group"]), [examples[i] for i in share], cfg.n_docs,
-                     share_weight(len(share), world, len(examples)))
+    forward_backward(
+        model,
+        actor_search(loop_config["shard_group"]),
+        [examples[i] for i in share],
+        cfg.n_docs,
+        share_weight(len(share), world, len(examples)),
+    )
     if rank == 0:
         np.save(loop_config["out"], flat_grads(module))
     ray.train.report({"done": 1})
 
 
 def flat_grads(module: torch.nn.Module) -> np.ndarray:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                      for p in module.parameters()]).numpy()
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in module.parameters()]
+    ).numpy()
 
 
 def test_two_worker_ddp_gradients_equal_full_batch(toy, toy_index, tmp_path):
@@ -155,13 +196,19 @@ def test_two_worker_ddp_gradients_equal_full_batch(toy, toy_index, tmp_path):
 
     cfg = config_from_dict(toy.raw_config(tmp_path, train_doc_encoder=True, index={"root": str(toy_index)}))
     examples = load_qa(toy.train)[:5]  # odd on purpose: shares of 3 and 2
-    group = ray.remote(ShardGroup).options(max_concurrency=4, num_cpus=0).remote(
-        ShardGroupConfig(index_root=str(toy_index), shard_cpus=0))
+    group = (
+        ray.remote(ShardGroup)
+        .options(max_concurrency=4, num_cpus=0)
+        .remote(ShardGroupConfig(index_root=str(toy_index), shard_cpus=0))
+    )
     try:
         out = tmp_path / "ddp.npy"
-        TorchTrainer(_gradient_probe, scaling_config=ScalingConfig(num_workers=2),
-                     train_loop_config={"config": cfg, "examples": examples, "shard_group": group, "out": str(out)},
-                     run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "runs"))).fit()
+        TorchTrainer(
+            _gradient_probe,
+            scaling_config=ScalingConfig(num_workers=2),
+            train_loop_config={"config": cfg, "examples": examples, "shard_group": group, "out": str(out)},
+            run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "runs")),
+        ).fit()
         reference = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).eval()
         forward_backward(reference, actor_search(group), examples, cfg.n_docs, 1.0)
     finally:
@@ -190,7 +237,15 @@ def test_resuming_from_another_models_checkpoint_is_refused(toy, tmp_path):
 
     cfg = config_from_dict(toy.raw_config(tmp_path))
     old = tmp_path / "runs" / "toy" / "step-000003"
-    save_checkpoint(old, {}, None, TrainState(3, "v0001", {"query_encoder": toy.encoder, "doc_encoder": toy.encoder,
-                                                             "generator": "another-generator"}))
+    save_checkpoint(
+        old,
+        {},
+        None,
+        TrainState(
+            3,
+            "v0001",
+            {"query_encoder": toy.encoder, "doc_encoder": toy.encoder, "generator": "another-generator"},
+        ),
+    )
     with pytest.raises(ValueError, match="incompatible checkpoint .* generator='another-generator'"):
         run_training(cfg)

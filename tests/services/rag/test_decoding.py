@@ -1,4 +1,5 @@
 """RAG-Token beam search and RAG-Sequence decoding against transformers' RAG `generate`."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,7 @@ from services.rag.decoding import (
 )
 from services.rag.generator import Contexts, Seq2SeqGenerator
 from services.rag.marginal import doc_log_probs
-from tests.services.rag.rag_fixtures import (
-    BART_EOS,
-    BART_PAD,
-    hf_rag,
-    random_contexts,
-    tiny_bart,
-    tiny_llama,
-)
+from tests.services.rag.rag_fixtures import BART_EOS, BART_PAD, hf_rag, random_contexts, tiny_bart, tiny_llama
 
 VOCAB = 48
 
@@ -48,10 +42,20 @@ def case(request):
 def test_rag_token_matches_transformers(case):
     bart, ids, mask, doc_scores, k, beams, max_new = case
     _, hf_tok = hf_rag(bart, k)
-    ref = hf_tok.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,
-                          n_docs=k, num_beams=beams, max_length=max_new + 1)
-    ours = rag_token_generate(Seq2SeqGenerator(bart, None), Contexts(ids, mask, k), doc_scores,
-                              BeamConfig(num_beams=beams, max_new_tokens=max_new))
+    ref = hf_tok.generate(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=doc_scores,
+        n_docs=k,
+        num_beams=beams,
+        max_length=max_new + 1,
+    )
+    ours = rag_token_generate(
+        Seq2SeqGenerator(bart, None),
+        Contexts(ids, mask, k),
+        doc_scores,
+        BeamConfig(num_beams=beams, max_new_tokens=max_new),
+    )
     assert _rows(ours) == _rows(ref[:, 1:])
 
 
@@ -61,10 +65,21 @@ def test_rag_sequence_thorough_matches_transformers(case):
     # attention_mask=None), so the reference is only exact on unpadded contexts.
     ids, mask = random_contexts(doc_scores.shape[0], k, VOCAB, seed=k, padded=False)
     hf_seq, _ = hf_rag(bart, k)
-    ref = hf_seq.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,
-                          n_docs=k, num_beams=beams, max_length=max_new + 1)
-    ours = rag_sequence_generate(Seq2SeqGenerator(bart, None), Contexts(ids, mask, k), doc_scores,
-                                 BeamConfig(num_beams=beams, max_new_tokens=max_new), thorough=True)
+    ref = hf_seq.generate(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=doc_scores,
+        n_docs=k,
+        num_beams=beams,
+        max_length=max_new + 1,
+    )
+    ours = rag_sequence_generate(
+        Seq2SeqGenerator(bart, None),
+        Contexts(ids, mask, k),
+        doc_scores,
+        BeamConfig(num_beams=beams, max_new_tokens=max_new),
+        thorough=True,
+    )
     assert _rows(ours) == _rows(ref[:, 1:])
 
 
@@ -76,11 +91,18 @@ def _loop_fast(bart, ids, mask, doc_scores, k, beams, max_new) -> list[list[int]
         totals: dict[tuple, torch.Tensor] = {}
         for z in range(k):
             row = slice(b * k + z, b * k + z + 1)
-            hyps = bart.generate(ids[row], attention_mask=mask[row], num_beams=beams,
-                                 num_return_sequences=beams, max_length=max_new + 1)
+            hyps = bart.generate(
+                ids[row],
+                attention_mask=mask[row],
+                num_beams=beams,
+                num_return_sequences=beams,
+                max_length=max_new + 1,
+            )
             for hyp in {tuple(h) for h in _rows(hyps)}:
                 h = torch.tensor([hyp])
-                logits = bart(input_ids=ids[row], attention_mask=mask[row], decoder_input_ids=h[:, :-1]).logits
+                logits = bart(
+                    input_ids=ids[row], attention_mask=mask[row], decoder_input_ids=h[:, :-1]
+                ).logits
                 picked = torch.log_softmax(logits, -1).gather(-1, h[:, 1:, None]).squeeze(-1)  # (1, T)
                 ll = (picked * generated_mask(h[:, 1:], BART_EOS, BART_PAD)).sum() + lp_docs[z]
                 totals[hyp] = torch.logaddexp(totals[hyp], ll) if hyp in totals else ll
@@ -90,8 +112,13 @@ def _loop_fast(bart, ids, mask, doc_scores, k, beams, max_new) -> list[list[int]
 
 def test_rag_sequence_fast_matches_loop(case):
     bart, ids, mask, doc_scores, k, beams, max_new = case
-    ours = rag_sequence_generate(Seq2SeqGenerator(bart, None), Contexts(ids, mask, k), doc_scores,
-                                 BeamConfig(num_beams=beams, max_new_tokens=max_new), thorough=False)
+    ours = rag_sequence_generate(
+        Seq2SeqGenerator(bart, None),
+        Contexts(ids, mask, k),
+        doc_scores,
+        BeamConfig(num_beams=beams, max_new_tokens=max_new),
+        thorough=False,
+    )
     with torch.no_grad():
         assert _rows(ours) == _loop_fast(bart, ids, mask, doc_scores, k, beams, max_new)
 
@@ -105,8 +132,14 @@ def test_thorough_and_fast_differ_and_match_their_references():
     gen, ctx = Seq2SeqGenerator(bart, None), Contexts(ids, mask, k)
     config = BeamConfig(num_beams=beams, max_new_tokens=max_new)
     with torch.no_grad():
-        ref = hf_seq.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,
-                              n_docs=k, num_beams=beams, max_length=max_new + 1)
+        ref = hf_seq.generate(
+            context_input_ids=ids,
+            context_attention_mask=mask,
+            doc_scores=doc_scores,
+            n_docs=k,
+            num_beams=beams,
+            max_length=max_new + 1,
+        )
         thorough = _rows(rag_sequence_generate(gen, ctx, doc_scores, config))  # thorough is the default
         fast = _rows(rag_sequence_generate(gen, ctx, doc_scores, config, thorough=False))
         assert thorough == _rows(ref[:, 1:])
@@ -136,19 +169,22 @@ def _lm_beam_search(lm, prompts: torch.Tensor, config: BeamConfig, forced_eos_id
         seqs = torch.cat([seqs[rows], tokens.reshape(-1, 1)], dim=1)
         return next_log_probs(seqs)
 
-    return beam_search(next_log_probs(seqs), step, eos_id=eos, pad_id=eos, forced_eos_id=forced_eos_id,
-                       config=config)
+    return beam_search(
+        next_log_probs(seqs), step, eos_id=eos, pad_id=eos, forced_eos_id=forced_eos_id, config=config
+    )
 
 
 def _until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     """Rows cut after their first eos."""
-    return [row[:row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
+    return [row[: row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
 
 
 # Chosen so that each case decides a rule: 2·beams candidates, length penalty on finished and
 # running scores, the early-stop heuristic per group, forced eos, the max-length cut, greedy (1 beam).
-@pytest.mark.parametrize("seed,beams,length_penalty,forced_eos", [
-    (3, 2, 2.0, False), (0, 1, 0.5, False), (0, 2, 0.5, True), (2, 2, 0.5, False)])
+@pytest.mark.parametrize(
+    "seed,beams,length_penalty,forced_eos",
+    [(3, 2, 2.0, False), (0, 1, 0.5, False), (0, 2, 0.5, True), (2, 2, 0.5, False)],
+)
 def test_beam_search_matches_transformers_generate(seed, beams, length_penalty, forced_eos):
     lm = tiny_llama(10, seed=seed)
     eos = lm.config.eos_token_id
@@ -156,11 +192,20 @@ def test_beam_search_matches_transformers_generate(seed, beams, length_penalty, 
     config = BeamConfig(num_beams=beams, max_new_tokens=6, length_penalty=length_penalty)
     with torch.no_grad():
         ours = _lm_beam_search(lm, prompts, config, eos if forced_eos else None)
-        ref = lm.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, num_beams=beams,
-                          max_new_tokens=6, length_penalty=length_penalty, eos_token_id=eos, pad_token_id=eos,
-                          forced_eos_token_id=eos if forced_eos else None, output_scores=True,
-                          return_dict_in_generate=True)
-    assert _until_eos(ours.tokens[:, 0], eos) == _until_eos(ref.sequences[:, prompts.shape[1]:], eos)
+        ref = lm.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            num_beams=beams,
+            max_new_tokens=6,
+            length_penalty=length_penalty,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            forced_eos_token_id=eos if forced_eos else None,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    assert _until_eos(ours.tokens[:, 0], eos) == _until_eos(ref.sequences[:, prompts.shape[1] :], eos)
     if beams > 1:  # greedy search reports no sequence scores
         torch.testing.assert_close(ours.scores[:, 0], ref.sequences_scores)
 

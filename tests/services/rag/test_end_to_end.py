@@ -1,4 +1,5 @@
 """The real default models end to end: MiniLM retrieval over Wikipedia leads, SmolLM2 RAG-Sequence."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """`rayrag ask --local` on tiny models: flat retrieval against brute force, the vector cache, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ QUESTIONS = ["where is the tower", "who wrote the book"]
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("local")
     corpus = root / "corpus.jsonl"
-    rows = [{"id": str(i), "title": f"Doc {i}", "text": f"passage {i} about topic {i % 7} " * (5 + i % 30)}
-            for i in range(40)]
+    rows = [
+        {"id": str(i), "title": f"Doc {i}", "text": f"passage {i} about topic {i % 7} " * (5 + i % 30)}
+        for i in range(40)
+    ]
     corpus.write_text("\n".join(json.dumps(r) for r in rows))
     return {
         "corpus": str(corpus),
@@ -35,13 +38,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _config(setup: dict[str, str], **overrides) -> LocalConfig:
-    options = {"corpus": setup["corpus"], "encoder": setup["encoder"], "generator": setup["generator"],
-               "cache_dir": setup["cache"], "n_docs": 3, "num_beams": 2, "max_new_tokens": 4}
+    options = {
+        "corpus": setup["corpus"],
+        "encoder": setup["encoder"],
+        "generator": setup["generator"],
+        "cache_dir": setup["cache"],
+        "n_docs": 3,
+        "num_beams": 2,
+        "max_new_tokens": 4,
+    }
     return LocalConfig(**(options | overrides))
 
 
-def test_retrieval_equals_brute_force_and_vectors_are_cached(setup: dict[str, str],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retrieval_equals_brute_force_and_vectors_are_cached(
+    setup: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rag = LocalRag.from_config(_config(setup))
     encoder = TextEncoder.from_pretrained(setup["encoder"])
     docs = encoder.encode([passage_text(p) for p in load_corpus(setup["corpus"])])  # (N, d)
@@ -60,10 +71,12 @@ def test_retrieval_equals_brute_force_and_vectors_are_cached(setup: dict[str, st
     np.testing.assert_array_equal(LocalRag.from_config(_config(setup)).vectors, rag.vectors)
 
 
-@pytest.mark.parametrize("mode, decoding", [("sequence", "fast"), ("sequence", "thorough"),
-                                            ("token", "fast")])
-def test_ask_answers_as_the_model_does_from_brute_force_top_k(setup: dict[str, str], mode: str,
-                                                              decoding: str) -> None:
+@pytest.mark.parametrize(
+    "mode, decoding", [("sequence", "fast"), ("sequence", "thorough"), ("token", "fast")]
+)
+def test_ask_answers_as_the_model_does_from_brute_force_top_k(
+    setup: dict[str, str], mode: str, decoding: str
+) -> None:
     """The reference: brute-force top-3, scale · q·d doc scores, `generate_answers` on a generator
     loaded apart, with the same decoding settings."""
     answers = LocalRag.from_config(_config(setup, mode=mode, decoding=decoding)).ask(QUESTIONS)
@@ -75,10 +88,17 @@ def test_ask_answers_as_the_model_does_from_brute_force_top_k(setup: dict[str, s
     rows = np.argsort(-brute, axis=1, kind="stable")[:, :3]  # (B, K)
     doc_scores = default_doc_score_scale(encoder) * np.einsum("bd,bkd->bk", queries, docs[rows])  # (B, K)
     model, tokenizer = load_generator(setup["generator"])
-    expected = generate_answers(make_generator(model, tokenizer), QUESTIONS,
-                                [[passages[r].title for r in row] for row in rows],
-                                [[passages[r].text for r in row] for row in rows], doc_scores, mode=mode,
-                                decoding=decoding, num_beams=2, max_new_tokens=4)
+    expected = generate_answers(
+        make_generator(model, tokenizer),
+        QUESTIONS,
+        [[passages[r].title for r in row] for row in rows],
+        [[passages[r].text for r in row] for row in rows],
+        doc_scores,
+        mode=mode,
+        decoding=decoding,
+        num_beams=2,
+        max_new_tokens=4,
+    )
     assert [a.answer for a in answers] == expected
     for answer, row, row_scores in zip(answers, rows, np.take_along_axis(brute, rows, axis=1)):
         assert [s.id for s in answer.sources] == [passages[r].id for r in row]
@@ -86,9 +106,25 @@ def test_ask_answers_as_the_model_does_from_brute_force_top_k(setup: dict[str, s
 
 
 def test_cli_ask_prints_answer_and_sources(setup: dict[str, str], capsys: pytest.CaptureFixture) -> None:
-    argv = ["ask", "--local", QUESTIONS[0], "--corpus", setup["corpus"], "--encoder", setup["encoder"],
-            "--generator", setup["generator"], "--cache-dir", setup["cache"], "--n-docs", "2",
-            "--num-beams", "2", "--max-new-tokens", "3"]
+    argv = [
+        "ask",
+        "--local",
+        QUESTIONS[0],
+        "--corpus",
+        setup["corpus"],
+        "--encoder",
+        setup["encoder"],
+        "--generator",
+        setup["generator"],
+        "--cache-dir",
+        setup["cache"],
+        "--n-docs",
+        "2",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "3",
+    ]
     assert rayrag_cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Answer:") and lines[1] == "Sources:"

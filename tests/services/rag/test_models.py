@@ -1,4 +1,5 @@
 """Generator loading: the GGUF → safetensors cache (atomic, locked, once), tiny HF models, bad input."""
+
 from __future__ import annotations
 
 import subprocess
@@ -40,14 +41,23 @@ def write_tiny_gguf(path: Path, hidden: int = 16, layers: int = 1, ffn: int = 32
     writer.add_token_merges([])
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(257)
-    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
-              "output.weight": (len(tokens), hidden)}
+    shapes = {
+        "token_embd.weight": (len(tokens), hidden),
+        "output_norm.weight": (hidden,),
+        "output.weight": (len(tokens), hidden),
+    }
     for i in range(layers):
-        shapes |= {f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
-                   f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
-                   f"blk.{i}.ffn_down.weight": (hidden, ffn)}
-        shapes |= {f"blk.{i}.{name}.weight": (hidden, hidden)
-                   for name in ("attn_q", "attn_k", "attn_v", "attn_output")}
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (hidden,),
+            f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+            f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        }
+        shapes |= {
+            f"blk.{i}.{name}.weight": (hidden, hidden)
+            for name in ("attn_q", "attn_k", "attn_v", "attn_output")
+        }
     for name, shape in shapes.items():
         writer.add_tensor(name, (0.1 * rng.standard_normal(shape)).astype(np.float32))
     writer.write_header_to_file()
@@ -128,8 +138,12 @@ CONCURRENT_BUILD = textwrap.dedent(
 def test_two_processes_at_once_build_once(tmp_path: Path) -> None:
     target, log = tmp_path / "entry", tmp_path / "builds.log"
     procs = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, str(target), str(log)],
-                         cwd=REPO, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_BUILD, str(target), str(log)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]

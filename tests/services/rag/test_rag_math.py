@@ -1,4 +1,5 @@
 """RAG-Sequence / RAG-Token losses against transformers' RagSequenceForGeneration / RagTokenForGeneration."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,8 +37,15 @@ def _reference(bart, variant, ids, mask, doc_scores, labels, epsilon, exclude_bo
     model = seq if variant == "sequence" else tok
     kwargs = {"exclude_bos_score": exclude_bos} if variant == "sequence" else {}
     with torch.no_grad():
-        out = model(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores, labels=labels,
-                    n_docs=K, reduce_loss=False, **kwargs)
+        out = model(
+            context_input_ids=ids,
+            context_attention_mask=mask,
+            doc_scores=doc_scores,
+            labels=labels,
+            n_docs=K,
+            reduce_loss=False,
+            **kwargs,
+        )
     return out.loss  # (B,)
 
 
@@ -45,8 +53,15 @@ def _reference(bart, variant, ids, mask, doc_scores, labels, epsilon, exclude_bo
 @pytest.mark.parametrize("exclude_bos", [False, True])
 def test_sequence_loss_matches_transformers(setup, epsilon, exclude_bos):
     bart, ids, mask, labels, doc_scores, target, log_probs = setup
-    ours = rag_sequence_nll(log_probs, doc_scores, target, pad_id=BART_PAD, epsilon=epsilon,
-                            exclude_bos_score=exclude_bos, bos_id=BART_BOS)
+    ours = rag_sequence_nll(
+        log_probs,
+        doc_scores,
+        target,
+        pad_id=BART_PAD,
+        epsilon=epsilon,
+        exclude_bos_score=exclude_bos,
+        bos_id=BART_BOS,
+    )
     ref = _reference(bart, "sequence", ids, mask, doc_scores, labels, epsilon, exclude_bos)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
@@ -67,7 +82,9 @@ def test_gathered_and_flat_inputs_agree(setup):
     torch.testing.assert_close(rag_sequence_nll(picked, doc_scores, target, pad_id=BART_PAD), full_seq)
     torch.testing.assert_close(rag_token_nll(picked, doc_scores, target, pad_id=BART_PAD), full_tok)
     flat = log_probs.reshape(B * K, *log_probs.shape[2:])  # (B*K, T, V)
-    torch.testing.assert_close(rag_sequence_nll(flat, doc_scores, target, pad_id=BART_PAD, n_docs=K), full_seq)
+    torch.testing.assert_close(
+        rag_sequence_nll(flat, doc_scores, target, pad_id=BART_PAD, n_docs=K), full_seq
+    )
     with pytest.raises(ValueError, match="epsilon"):
         rag_token_nll(picked, doc_scores, target, pad_id=BART_PAD, epsilon=0.1)
     with pytest.raises(ValueError, match="leading size 12 is not a multiple of n_docs=5"):
@@ -99,8 +116,14 @@ def test_explicit_target_mask_matches_transformers(setup, variant, epsilon):
     # With a mask given, it alone says what is scored: pads replaced by a real token change nothing.
     bart, ids, mask, labels, doc_scores, target, log_probs = setup
     loss = rag_sequence_nll if variant == "sequence" else rag_token_nll
-    ours = loss(log_probs, doc_scores, target.masked_fill(target == BART_PAD, 5), pad_id=BART_PAD,
-                target_mask=target != BART_PAD, epsilon=epsilon)
+    ours = loss(
+        log_probs,
+        doc_scores,
+        target.masked_fill(target == BART_PAD, 5),
+        pad_id=BART_PAD,
+        target_mask=target != BART_PAD,
+        epsilon=epsilon,
+    )
     ref = _reference(bart, variant, ids, mask, doc_scores, labels, epsilon, False)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
@@ -125,8 +148,9 @@ def test_token_loss_without_bos_by_loop_from_flat_input(setup):
                 continue
             expected[b] -= torch.log(sum(probs[b, z] * log_probs[b, z, t, token].exp() for z in range(K)))
     flat = log_probs.reshape(B * K, *log_probs.shape[2:])  # (B*K, T, V)
-    ours = rag_token_nll(flat, doc_scores, target, pad_id=BART_PAD, n_docs=K, exclude_bos_score=True,
-                         bos_id=BART_BOS)
+    ours = rag_token_nll(
+        flat, doc_scores, target, pad_id=BART_PAD, n_docs=K, exclude_bos_score=True, bos_id=BART_BOS
+    )
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -134,8 +158,9 @@ def test_gathered_input_with_smoothing_terms_matches_transformers(setup):
     bart, ids, mask, labels, doc_scores, target, log_probs = setup
     picked = log_probs.gather(-1, target[:, None, :, None].expand(-1, K, -1, 1)).squeeze(-1)  # (B, K, T)
     smooth = log_probs.sum(-1)  # (B, K, T)
-    ours = rag_sequence_nll(picked, doc_scores, target, pad_id=BART_PAD, epsilon=0.1, smooth=smooth,
-                            vocab_size=VOCAB)
+    ours = rag_sequence_nll(
+        picked, doc_scores, target, pad_id=BART_PAD, epsilon=0.1, smooth=smooth, vocab_size=VOCAB
+    )
     ref = _reference(bart, "sequence", ids, mask, doc_scores, labels, 0.1, False)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="epsilon=0.1"):
@@ -145,6 +170,8 @@ def test_gathered_input_with_smoothing_terms_matches_transformers(setup):
 def test_gradient_reaches_doc_scores(setup):
     *_, doc_scores, target, log_probs = setup
     scores = doc_scores.clone().requires_grad_(True)
-    (rag_sequence_nll(log_probs, scores, target, pad_id=BART_PAD).sum()
-     + rag_token_nll(log_probs, scores, target, pad_id=BART_PAD).sum()).backward()
+    (
+        rag_sequence_nll(log_probs, scores, target, pad_id=BART_PAD).sum()
+        + rag_token_nll(log_probs, scores, target, pad_id=BART_PAD).sum()
+    ).backward()
     assert scores.grad is not None and scores.grad.abs().sum() > 0

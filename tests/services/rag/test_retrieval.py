@@ -1,4 +1,5 @@
-"""The shared retrieval path against a brute-force search: doc scores, per-question views, batches (no Ray)."""
+"""The shared retrieval path against a brute-force search: doc scores, per-question views, batches."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,9 +31,15 @@ def brute_search(vectors: np.ndarray, version: str = "v0001"):
         ids = np.pad(order, ((0, 0), (0, pad)), constant_values=-1)  # (B, k)
         top = np.pad(np.take_along_axis(scores, order, axis=1), ((0, 0), (0, pad)))  # (B, k)
         found = np.pad(vectors[order], ((0, 0), (0, pad), (0, 0)))  # (B, k, d) zeros in empty slots
-        return SearchResult(scores=top, ids=ids, titles=[[f"t{i}" if i >= 0 else "" for i in row] for row in ids],
-                            texts=[[f"x{i}" if i >= 0 else "" for i in row] for row in ids], vectors=found,
-                            version=version, coverage=0.5)
+        return SearchResult(
+            scores=top,
+            ids=ids,
+            titles=[[f"t{i}" if i >= 0 else "" for i in row] for row in ids],
+            texts=[[f"x{i}" if i >= 0 else "" for i in row] for row in ids],
+            vectors=found,
+            version=version,
+            coverage=0.5,
+        )
 
     return search
 
@@ -40,7 +47,9 @@ def brute_search(vectors: np.ndarray, version: str = "v0001"):
 @pytest.fixture
 def setup() -> tuple[TableEncoder, np.ndarray]:
     rng = np.random.default_rng(0)
-    return TableEncoder(rng.standard_normal((4, 6)).astype(np.float32)), rng.standard_normal((5, 6)).astype(np.float32)
+    return TableEncoder(rng.standard_normal((4, 6)).astype(np.float32)), rng.standard_normal((5, 6)).astype(
+        np.float32
+    )
 
 
 def test_doc_scores_are_scaled_inner_products_of_the_hits(setup) -> None:
@@ -50,7 +59,9 @@ def test_doc_scores_are_scaled_inner_products_of_the_hits(setup) -> None:
     expected = np.argsort(-brute, axis=1, kind="stable")[:, :3]  # (B, 3)
     np.testing.assert_array_equal(found.ids, expected)
     assert found.titles == [[f"t{i}" for i in row] for row in expected]
-    np.testing.assert_allclose(found.doc_scores, SCALE * np.take_along_axis(brute, expected, axis=1), atol=1e-4)
+    np.testing.assert_allclose(
+        found.doc_scores, SCALE * np.take_along_axis(brute, expected, axis=1), atol=1e-4
+    )
     np.testing.assert_allclose(found.doc_scores, SCALE * found.scores, atol=1e-4)
     assert (found.version, found.coverage, found.vectors) == ("v0001", 0.5, None)
     kept = retrieve(encoder, brute_search(vectors), ["3"], 2, SCALE, keep_vectors=True)
@@ -59,7 +70,9 @@ def test_doc_scores_are_scaled_inner_products_of_the_hits(setup) -> None:
 
 def test_for_question_keeps_its_first_k_hits_and_drops_empty_slots(setup) -> None:
     encoder, vectors = setup
-    found = retrieve(encoder, brute_search(vectors), ["0", "1"], 7, SCALE, keep_vectors=True)  # 5 passages: 2 empty
+    found = retrieve(
+        encoder, brute_search(vectors), ["0", "1"], 7, SCALE, keep_vectors=True
+    )  # 5 passages: 2 empty
     assert (found.ids[:, 5:] == -1).all()
     one = found.for_question(1, 7)
     np.testing.assert_array_equal(one.ids, found.ids[1:2, :5])
@@ -74,7 +87,9 @@ def test_for_question_keeps_its_first_k_hits_and_drops_empty_slots(setup) -> Non
 
 def test_concat_joins_batches_of_one_version(setup) -> None:
     encoder, vectors = setup
-    parts = [retrieve(encoder, brute_search(vectors), q, 2, SCALE, keep_vectors=True) for q in (["0", "1"], ["2"])]
+    parts = [
+        retrieve(encoder, brute_search(vectors), q, 2, SCALE, keep_vectors=True) for q in (["0", "1"], ["2"])
+    ]
     joined = Retrieved.concat(parts)
     whole = retrieve(encoder, brute_search(vectors), ["0", "1", "2"], 2, SCALE, keep_vectors=True)
     np.testing.assert_array_equal(joined.ids, whole.ids)

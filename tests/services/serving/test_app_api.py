@@ -1,4 +1,5 @@
 """The API schemas without Ray: validation, OpenAI shapes, citations, app config."""
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,21 @@ def test_retrieve_needs_exactly_one_question_field():
 
 
 def test_chat_takes_the_last_user_message_and_openai_fields():
-    request = ChatRequest.model_validate_json(json.dumps({
-        "model": "m", "temperature": 0.2, "max_tokens": 7, "n_docs": 3,
-        "messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
-                     {"role": "user", "content": [{"type": "text", "text": "last"}]}]}))
+    request = ChatRequest.model_validate_json(
+        json.dumps(
+            {
+                "model": "m",
+                "temperature": 0.2,
+                "max_tokens": 7,
+                "n_docs": 3,
+                "messages": [
+                    {"role": "user", "content": "first"},
+                    {"role": "assistant", "content": "x"},
+                    {"role": "user", "content": [{"type": "text", "text": "last"}]},
+                ],
+            }
+        )
+    )
     assert request.question() == "last"
     assert (request.options().max_new_tokens, request.options().n_docs) == (7, 3)
     with pytest.raises(ValidationError, match="no message with role 'user'"):
@@ -46,10 +58,18 @@ def test_chat_takes_the_last_user_message_and_openai_fields():
 
 
 def _answer(text: str) -> AnswerResponse:
-    docs = [Doc(id=7, title="A", text="Kubrick directed it.", score=2.0, prob=0.3),
-            Doc(id=9, title="B", text="Made in 1968.", score=3.0, prob=0.7)]
-    return AnswerResponse(answer=text, mode="sequence", index_version="v0001", index_coverage=1.0,
-                          docs=docs, timings_ms={"retrieve": 1, "generate": 2, "total": 4})
+    docs = [
+        Doc(id=7, title="A", text="Kubrick directed it.", score=2.0, prob=0.3),
+        Doc(id=9, title="B", text="Made in 1968.", score=3.0, prob=0.7),
+    ]
+    return AnswerResponse(
+        answer=text,
+        mode="sequence",
+        index_version="v0001",
+        index_coverage=1.0,
+        docs=docs,
+        timings_ms={"retrieve": 1, "generate": 2, "total": 4},
+    )
 
 
 def test_citations_point_at_docs_holding_the_answer_else_the_likeliest():
@@ -78,8 +98,10 @@ def test_deploy_yaml_is_a_valid_serve_config():
     with open(path) as file:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(file))
     assert schema.http_options.host == "127.0.0.1"
-    assert schema.controller_options.runtime_env["env_vars"] == \
-        read_serve_file(str(path)).controller_options["runtime_env"]["env_vars"]
+    assert (
+        schema.controller_options.runtime_env["env_vars"]
+        == read_serve_file(str(path)).controller_options["runtime_env"]["env_vars"]
+    )
 
 
 def test_app_config_from_deploy_yaml_and_bad_args():
@@ -118,8 +140,17 @@ def test_serve_command_line_pins_an_index_version(tmp_path):
     from rayrag_cli import build_parser
     from services.serving.cli import _ensure_index, serve_app_args
 
-    args = build_parser().parse_args(["serve", "--index-root", str(tmp_path), "--index-version",
-                                      "v0003", "--generator", "trained/generator"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--index-root",
+            str(tmp_path),
+            "--index-version",
+            "v0003",
+            "--generator",
+            "trained/generator",
+        ]
+    )
     app_args = serve_app_args(read_serve_file(), args)
     config = AppConfig.from_args(app_args)
     assert (config.retriever.index_root, config.retriever.version) == (str(tmp_path), "v0003")

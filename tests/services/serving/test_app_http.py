@@ -1,4 +1,5 @@
 """The Serve app over real HTTP on 127.0.0.1: endpoints, OpenAI client, provenance, bad input, swap."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -23,9 +24,14 @@ CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Hanoi", "Dakar"]
 
 
 def _corpus(words: list[str], prefix: str) -> list[Passage]:
-    return [Passage(id=i, title=f"{prefix} {i}",
-                    text=f"The {COLORS[i % 8]} {word} was first seen in {CITIES[(i * 3) % 8]}.")
-            for i, word in enumerate(words)]
+    return [
+        Passage(
+            id=i,
+            title=f"{prefix} {i}",
+            text=f"The {COLORS[i % 8]} {word} was first seen in {CITIES[(i * 3) % 8]}.",
+        )
+        for i, word in enumerate(words)
+    ]
 
 
 CORPUS_V1 = _corpus([f"falcon{i}" for i in range(24)], "Bird")
@@ -53,16 +59,22 @@ def app(ray_session, tmp_path_factory):
     generator = save_tiny_generator(tmp / "generator")
     root = tmp / "index"
     assert build_index(CORPUS_V1, root, encoder=encoder, shards=2, show_progress=False) == "v0001"
-    assert build_index(CORPUS_V2, root, encoder=encoder, shards=2, publish=False,
-                       show_progress=False) == "v0002"
+    assert (
+        build_index(CORPUS_V2, root, encoder=encoder, shards=2, publish=False, show_progress=False) == "v0002"
+    )
     port = _free_port()
     # deploy.yaml's controller options: the tests exercise the request path users get.
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                controller_options=read_serve_file().controller_options or None)
-    args = {"index": {"root": str(root), "follow_s": 0.3},
-            "models": {"query_encoder": encoder, "generator": generator},
-            "retriever": {"num_cpus": 0.5}, "generator": {"num_cpus": 0.5},
-            "admin_token": TOKEN}
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        controller_options=read_serve_file().controller_options or None,
+    )
+    args = {
+        "index": {"root": str(root), "follow_s": 0.3},
+        "models": {"query_encoder": encoder, "generator": generator},
+        "retriever": {"num_cpus": 0.5},
+        "generator": {"num_cpus": 0.5},
+        "admin_token": TOKEN,
+    }
     serve.run(build_app(args), name="rayrag-test", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield {"client": client, "root": root, "encoder": encoder, "generator": generator, "port": port}
@@ -118,8 +130,13 @@ def in_process(app):
             text = rag.generate([question], found.titles, found.texts, scores, **decoding)[0]
         finally:
             torch.set_num_threads(threads)
-        return {"answer": text, "ids": found.ids[0].tolist(), "titles": found.titles[0],
-                "probs": torch.softmax(scores[0], dim=0).tolist(), "version": found.version}
+        return {
+            "answer": text,
+            "ids": found.ids[0].tolist(),
+            "titles": found.titles[0],
+            "probs": torch.softmax(scores[0], dim=0).tolist(),
+            "version": found.version,
+        }
 
     yield answer
     group.close()
@@ -131,8 +148,11 @@ def _answer(client: httpx.Client, question: str, **options) -> dict:
     return response.json()
 
 
-DECODINGS = [{"mode": "sequence", "decoding": "fast"}, {"mode": "sequence", "decoding": "thorough"},
-             {"mode": "token", "decoding": "fast"}]
+DECODINGS = [
+    {"mode": "sequence", "decoding": "fast"},
+    {"mode": "sequence", "decoding": "thorough"},
+    {"mode": "token", "decoding": "fast"},
+]
 
 
 @pytest.mark.parametrize("decoding", DECODINGS, ids=lambda d: f"{d['mode']}-{d['decoding']}")
@@ -152,8 +172,9 @@ def test_answer_equals_rag_model_in_process(app, in_process, decoding):
     np.testing.assert_allclose(probs, expected["probs"], rtol=0, atol=1e-5)
     assert abs(probs.sum() - 1) < 1e-5
     scores = np.array([d["score"] for d in body["docs"]])
-    np.testing.assert_allclose(probs, np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        probs, np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum(), rtol=1e-5
+    )
     timings = body["timings_ms"]
     assert timings["total"] >= timings["retrieve"] + timings["generate"] > 0
 
@@ -181,8 +202,9 @@ def test_provenance_matches_the_shard_group(app):
             assert [d["text"] for d in docs] == reference.texts[b]
         scores = [[d["score"] for d in docs] for docs in (answer["docs"], retrieved["results"][b])]
         np.testing.assert_allclose(scores[0], scores[1], rtol=1e-6)  # one scoring for both
-        np.testing.assert_allclose(scores[1], default_doc_score_scale(encoder) * reference.scores[b],
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            scores[1], default_doc_score_scale(encoder) * reference.scores[b], rtol=1e-4, atol=1e-4
+        )
         assert CORPUS_V1[reference.ids[b][0]].text == reference.texts[b][0]
 
 
@@ -190,19 +212,21 @@ def test_openai_client_plain_and_streaming(app):
     import openai
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key="unused")
-    messages = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "Where was the green falcon1 seen?"}]
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Where was the green falcon1 seen?"},
+    ]
     extra = {"n_docs": 3, "num_beams": 2}
-    plain = client.chat.completions.create(model="rayrag", messages=messages, max_tokens=5,
-                                           extra_body=extra)
+    plain = client.chat.completions.create(model="rayrag", messages=messages, max_tokens=5, extra_body=extra)
     content = plain.choices[0].message.content
     docs = plain.model_extra["docs"]
     assert plain.choices[0].finish_reason == "stop" and len(docs) == 3
     marks = [int(m) for m in plain.model_extra["citations"]]
     assert marks and all(f"[{m}]" in content for m in marks) and max(marks) <= 3
 
-    stream = client.chat.completions.create(model="rayrag", messages=messages, max_tokens=5,
-                                            extra_body=extra, stream=True)
+    stream = client.chat.completions.create(
+        model="rayrag", messages=messages, max_tokens=5, extra_body=extra, stream=True
+    )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert streamed == content  # the same deterministic beam search answer
@@ -255,8 +279,12 @@ def test_oversized_chunked_body_is_refused(app):
 def test_replica_survives_bad_input(app):
     for path, body, _, _ in BAD_INPUT:
         app["client"].post(path, content=body)
-    assert _answer(app["client"], "Where was the red falcon0 seen?", num_beams=1,
-                   max_new_tokens=2)["index_version"] == "v0001"
+    assert (
+        _answer(app["client"], "Where was the red falcon0 seen?", num_beams=1, max_new_tokens=2)[
+            "index_version"
+        ]
+        == "v0001"
+    )
 
 
 def _served_version(client: httpx.Client, want: str, timeout_s: float = 30) -> str:
@@ -283,10 +311,8 @@ def test_admin_swap_needs_the_token(app):
     client = app["client"]
     assert client.post("/v1/admin/index/swap", json={"version": "v0002"}).status_code == 401
     wrong = {"authorization": "Bearer nope"}
-    assert client.post("/v1/admin/index/swap", json={"version": "v0002"},
-                       headers=wrong).status_code == 403
-    unknown = client.post("/v1/admin/index/swap", json={"version": "v0009"},
-                          headers=ADMIN)
+    assert client.post("/v1/admin/index/swap", json={"version": "v0002"}, headers=wrong).status_code == 403
+    unknown = client.post("/v1/admin/index/swap", json={"version": "v0009"}, headers=ADMIN)
     assert unknown.status_code == 404
     assert client.get("/v1/index").json()["version"] == "v0001"
 
@@ -300,8 +326,18 @@ def test_swap_during_traffic_drops_nothing(app):
         out, i = [], 0
         while True:
             sent_after_swap = swapped.is_set()
-            out.append((sent_after_swap, _answer(client, f"the {COLORS[(worker + i) % 8]} thing",
-                                                 n_docs=3, num_beams=1, max_new_tokens=2)))
+            out.append(
+                (
+                    sent_after_swap,
+                    _answer(
+                        client,
+                        f"the {COLORS[(worker + i) % 8]} thing",
+                        n_docs=3,
+                        num_beams=1,
+                        max_new_tokens=2,
+                    ),
+                )
+            )
             answered.set()
             i += 1
             if sent_after_swap and i >= 2:
@@ -310,8 +346,7 @@ def test_swap_during_traffic_drops_nothing(app):
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         streams = [pool.submit(stream, w) for w in range(3)]
         assert answered.wait(60)
-        swap = client.post("/v1/admin/index/swap", json={"version": "v0002"},
-                           headers=ADMIN)
+        swap = client.post("/v1/admin/index/swap", json={"version": "v0002"}, headers=ADMIN)
         swapped.set()
         results = [r for f in streams for r in f.result(timeout=120)]
     assert swap.status_code == 200, swap.text
@@ -327,9 +362,20 @@ def test_swap_during_traffic_drops_nothing(app):
 def test_rayrag_ask_prints_the_answer_and_its_sources(app, capsys):
     from rayrag_cli import build_parser
 
-    args = build_parser().parse_args(["ask", "Where was the red falcon0 seen?", "--url",
-                                      f"http://127.0.0.1:{app['port']}", "--n-docs", "3",
-                                      "--num-beams", "1", "--max-new-tokens", "2"])
+    args = build_parser().parse_args(
+        [
+            "ask",
+            "Where was the red falcon0 seen?",
+            "--url",
+            f"http://127.0.0.1:{app['port']}",
+            "--n-docs",
+            "3",
+            "--num-beams",
+            "1",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert args.run(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("Answer: ") and "Sources (index v000" in out and "only" not in out
@@ -348,8 +394,9 @@ def _kill_shard_replicas(client: httpx.Client, shards: list[int]) -> None:
 def _wait_for_full_coverage(client: httpx.Client, timeout_s: float = 90) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        response = client.post("/v1/answer", json={"question": "the red thing", "n_docs": 3,
-                                                   "num_beams": 1, "max_new_tokens": 2})
+        response = client.post(
+            "/v1/answer", json={"question": "the red thing", "n_docs": 3, "num_beams": 1, "max_new_tokens": 2}
+        )
         if response.status_code == 200 and response.json()["index_coverage"] == 1.0:
             return response.json()
         time.sleep(0.5)

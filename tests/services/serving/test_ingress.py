@@ -1,4 +1,5 @@
 """The Ingress in process, without Serve: a fake engine and a fake retriever behind the real routes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,11 +18,7 @@ from cluster.shard_group import ShardUnavailableError
 from services.rag.retrieval import Retrieved
 from services.serving.api import MAX_BODY_BYTES
 from services.serving.app import Ingress, build_api
-from services.serving.deployments import (
-    GeneratorConfig,
-    GeneratorDeployment,
-    IngressConfig,
-)
+from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig
 from services.serving.engine import GenerateRequest
 
 TOKEN = "test-admin-token"
@@ -44,12 +41,25 @@ class FakeRetriever:
         if self.down:
             raise ShardUnavailableError("no live replica for shards [0, 1]")
         words = set(question.lower().split())
-        scored = sorted(((sum(w.strip(".,") in words for w in text.lower().split()), pid, title, text)
-                         for pid, title, text in PASSAGES), key=lambda s: (-s[0], s[1]))[:k]
+        scored = sorted(
+            (
+                (sum(w.strip(".,") in words for w in text.lower().split()), pid, title, text)
+                for pid, title, text in PASSAGES
+            ),
+            key=lambda s: (-s[0], s[1]),
+        )[:k]
         scores = np.array([[s[0] for s in scored]], dtype=np.float32)  # (1, k)
-        return Retrieved(ids=np.array([[s[1] for s in scored]]), titles=[[s[2] for s in scored]],
-                         texts=[[s[3] for s in scored]], scores=scores, doc_scores=2 * scores,
-                         vectors=None, version=self.version, coverage=1.0, retrieve_ms=1.5)
+        return Retrieved(
+            ids=np.array([[s[1] for s in scored]]),
+            titles=[[s[2] for s in scored]],
+            texts=[[s[3] for s in scored]],
+            scores=scores,
+            doc_scores=2 * scores,
+            vectors=None,
+            version=self.version,
+            coverage=1.0,
+            retrieve_ms=1.5,
+        )
 
     def health(self) -> dict[str, Any]:
         return {"ok": not self.down, "index_version": self.version}
@@ -84,8 +94,7 @@ class InProcessGenerator:
     """The Generator deployment's batch logic, one request per batch (`@serve.batch` needs Serve)."""
 
     def __init__(self, engine: type[FakeEngine]) -> None:
-        self.deployment = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"),
-                                                            engine=engine)
+        self.deployment = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=engine)
 
     def generate(self, request: GenerateRequest):
         return self.deployment.generate_batch([request])[0]
@@ -106,6 +115,7 @@ class LocalHandle:
     def broadcast(self, name: str, *args: Any) -> SimpleNamespace:
         async def results() -> list[Any]:
             return [await _call(getattr(self.target, name), *args)]
+
         return SimpleNamespace(results_async=results)
 
 
@@ -120,8 +130,9 @@ def backend() -> SimpleNamespace:
 
 
 def _api(backend: SimpleNamespace, token: str | None = TOKEN):
-    ingress = Ingress(LocalHandle(backend.retriever), LocalHandle(backend.generator),
-                      IngressConfig(admin_token=token))
+    ingress = Ingress(
+        LocalHandle(backend.retriever), LocalHandle(backend.generator), IngressConfig(admin_token=token)
+    )
     return build_api(ingress)
 
 
@@ -138,35 +149,41 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def test_answer_carries_the_retrieved_docs_and_their_probabilities(client, backend):
-    response = client.post("/v1/answer", json={"question": "capital of Peru", "n_docs": 3,
-                                               "mode": "token"})
+    response = client.post("/v1/answer", json={"question": "capital of Peru", "n_docs": 3, "mode": "token"})
     assert response.status_code == 200, response.text
     body = response.json()
     found = backend.retriever.retrieve("capital of Peru", 3)
     assert body["answer"] == "Lima" and body["mode"] == "token"
     assert [d["id"] for d in body["docs"]] == found.ids[0].tolist() == [11, 10, 12]
-    assert [(d["title"], d["text"], d["score"]) for d in body["docs"]] == \
-        list(zip(found.titles[0], found.texts[0], found.doc_scores[0].tolist()))
-    np.testing.assert_allclose([d["prob"] for d in body["docs"]], _softmax(found.doc_scores[0]),
-                               rtol=1e-6)
+    assert [(d["title"], d["text"], d["score"]) for d in body["docs"]] == list(
+        zip(found.titles[0], found.texts[0], found.doc_scores[0].tolist())
+    )
+    np.testing.assert_allclose([d["prob"] for d in body["docs"]], _softmax(found.doc_scores[0]), rtol=1e-6)
     assert (body["index_version"], body["index_coverage"]) == ("v0001", 1.0)
     assert body["timings_ms"]["retrieve"] == 1.5
     assert body["timings_ms"]["total"] >= body["timings_ms"]["generate"] >= 0
 
 
 def test_retrieve_one_question_or_several(client, backend):
-    many = client.post("/v1/retrieve", json={"questions": ["capital of Norway", "fastest bird"],
-                                             "k": 2}).json()
+    many = client.post(
+        "/v1/retrieve", json={"questions": ["capital of Norway", "fastest bird"], "k": 2}
+    ).json()
     assert [[d["id"] for d in docs] for docs in many["results"]] == [[12, 10], [14, 10]]
     one = client.post("/v1/retrieve", json={"question": "fastest bird", "k": 2}).json()
     assert one["results"] == many["results"][1:] and one["index_version"] == "v0001"
 
 
 def test_chat_cites_the_doc_holding_the_answer_plain_and_streamed(client):
-    request = {"model": "m", "temperature": 0.3, "n_docs": 3,
-               "messages": [{"role": "system", "content": "Be brief."},
-                            {"role": "user", "content": "ignored"},
-                            {"role": "user", "content": [{"type": "text", "text": "Nile Egypt"}]}]}
+    request = {
+        "model": "m",
+        "temperature": 0.3,
+        "n_docs": 3,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "ignored"},
+            {"role": "user", "content": [{"type": "text", "text": "Nile Egypt"}]},
+        ],
+    }
     plain = client.post("/v1/chat/completions", json=request).json()
     assert plain["object"] == "chat.completion" and plain["model"] == "m"
     assert plain["choices"][0]["message"]["content"] == "Cairo [1]"
@@ -187,15 +204,12 @@ BAD_INPUT = [
     ("/v1/answer", b"", JSON, 400, "body is empty", None),
     ("/v1/answer", b'["question"]', JSON, 400, "must be a JSON object, got array", None),
     ("/v1/answer", b"null", JSON, 400, "must be a JSON object, got null", None),
-    ("/v1/answer", b'{"question": "q"}', {"content-type": "text/plain"}, 415, "application/json",
-     None),
+    ("/v1/answer", b'{"question": "q"}', {"content-type": "text/plain"}, 415, "application/json", None),
     ("/v1/answer", b'{"question": "q"}', {}, 415, "application/json", None),
     ("/v1/answer", b"{}", JSON, 422, "question: Field required", "question"),
-    ("/v1/answer", b'{"question": "   "}', JSON, 422, "question: question must not be empty",
-     "question"),
+    ("/v1/answer", b'{"question": "   "}', JSON, 422, "question: question must not be empty", "question"),
     ("/v1/answer", b'{"question": "\\ud800 x"}', JSON, 422, "lone surrogate", "question"),
-    ("/v1/answer", json.dumps({"question": "x" * 2001}).encode(), JSON, 422, "limit is 2000",
-     "question"),
+    ("/v1/answer", json.dumps({"question": "x" * 2001}).encode(), JSON, 422, "limit is 2000", "question"),
     ("/v1/answer", b'{"question": "q", "n_docs": 0}', JSON, 422, "n_docs: ", "n_docs"),
     ("/v1/answer", b'{"question": "q", "n_docs": 51}', JSON, 422, "n_docs: ", "n_docs"),
     ("/v1/answer", b'{"question": "q", "n_docs": "five"}', JSON, 422, "n_docs: ", "n_docs"),
@@ -206,29 +220,58 @@ BAD_INPUT = [
     ("/v1/answer", b'{"question": "", "n_docs": 0}', JSON, 422, "(and 1 more)", "n_docs"),
     ("/v1/retrieve", b'{"k": 3}', JSON, 422, "exactly one of 'question' or 'questions'", None),
     ("/v1/retrieve", b'{"question": "a", "questions": ["b"]}', JSON, 422, "exactly one", None),
-    ("/v1/retrieve", b'{"questions": ["a", " "]}', JSON, 422, "questions.1: question must not",
-     "questions.1"),
+    (
+        "/v1/retrieve",
+        b'{"questions": ["a", " "]}',
+        JSON,
+        422,
+        "questions.1: question must not",
+        "questions.1",
+    ),
     ("/v1/retrieve", b'{"question": "q", "k": 99}', JSON, 422, "k: ", "k"),
     ("/v1/chat/completions", b'{"messages": []}', JSON, 422, "messages: ", "messages"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "hi"}]}', JSON, 422,
-     "messages: no message with role 'user'", "messages"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q"}], "n": 2}', JSON,
-     422, "n: ", "n"),
-    ("/v1/answer", json.dumps({"question": "q", "pad": "x" * MAX_BODY_BYTES}).encode(), JSON, 413,
-     f"bytes; the limit is {MAX_BODY_BYTES}", None),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "system", "content": "hi"}]}',
+        JSON,
+        422,
+        "messages: no message with role 'user'",
+        "messages",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "q"}], "n": 2}',
+        JSON,
+        422,
+        "n: ",
+        "n",
+    ),
+    (
+        "/v1/answer",
+        json.dumps({"question": "q", "pad": "x" * MAX_BODY_BYTES}).encode(),
+        JSON,
+        413,
+        f"bytes; the limit is {MAX_BODY_BYTES}",
+        None,
+    ),
     ("/v1/nowhere", b"{}", JSON, 404, "Not Found", None),
 ]
 
 
 @pytest.mark.parametrize("path,body,headers,status,needle,param", BAD_INPUT)
-def test_bad_input_gets_its_status_and_an_openai_error_naming_it(client, path, body, headers,
-                                                                 status, needle, param):
+def test_bad_input_gets_its_status_and_an_openai_error_naming_it(
+    client, path, body, headers, status, needle, param
+):
     response = client.post(path, content=body, headers=headers)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"]
-    assert error == {"message": error["message"], "type": "invalid_request_error",
-                     "param": param, "code": status}
+    assert error == {
+        "message": error["message"],
+        "type": "invalid_request_error",
+        "param": param,
+        "code": status,
+    }
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_all_read(backend):
@@ -264,14 +307,26 @@ def test_a_batch_decodes_per_setting_and_isolates_the_refused_request():
     generator = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=FakeEngine)
 
     def request(question: str, mode: str) -> GenerateRequest:
-        return GenerateRequest(question=question, titles=["t"], texts=[f"{question} text"],
-                               doc_scores=[1.0], mode=mode, decoding="fast", num_beams=1,
-                               max_new_tokens=4)
+        return GenerateRequest(
+            question=question,
+            titles=["t"],
+            texts=[f"{question} text"],
+            doc_scores=[1.0],
+            mode=mode,
+            decoding="fast",
+            num_beams=1,
+            max_new_tokens=4,
+        )
 
-    out = generator.generate_batch([request("a", "sequence"), request("b", "token"),
-                                    request("nothing", "sequence"), request("c", "token")])
-    assert [(g.answer, g.error is None) for g in out] == [("a", True), ("b", True), ("", False),
-                                                          ("c", True)]
+    out = generator.generate_batch(
+        [
+            request("a", "sequence"),
+            request("b", "token"),
+            request("nothing", "sequence"),
+            request("c", "token"),
+        ]
+    )
+    assert [(g.answer, g.error is None) for g in out] == [("a", True), ("b", True), ("", False), ("c", True)]
     assert "longer than the generator's context" in out[2].error
     assert generator.engine.batches == [["a", "nothing"], ["a"], ["nothing"], ["b", "c"]]
 
@@ -279,8 +334,9 @@ def test_a_batch_decodes_per_setting_and_isolates_the_refused_request():
 def test_a_broken_engine_fails_the_health_check(backend):
     broken = InProcessGenerator(BrokenEngine)
     with pytest.raises(RuntimeError, match="device-side assert"):
-        broken.deployment.generate_batch([GenerateRequest("q", ["t"], ["x"], [1.0], "sequence",
-                                                          "fast", 1, 4)])
+        broken.deployment.generate_batch(
+            [GenerateRequest("q", ["t"], ["x"], [1.0], "sequence", "fast", 1, 4)]
+        )
     with pytest.raises(RuntimeError, match="device-side assert"):
         broken.deployment.check_health()
 
@@ -292,7 +348,10 @@ def test_no_live_shard_is_a_503_naming_them(client, backend):
         assert response.status_code == 503
         assert response.json()["error"] == {
             "message": "the index cannot be searched right now: no live replica for shards [0, 1]",
-            "type": "server_error", "param": None, "code": 503}
+            "type": "server_error",
+            "param": None,
+            "code": 503,
+        }
     assert client.get("/healthz").status_code == 503
 
 
@@ -316,8 +375,9 @@ def test_admin_swap_needs_the_token(client, backend):
 def test_admin_calls_are_off_without_a_token(backend, monkeypatch):
     monkeypatch.delenv("RAYRAG_ADMIN_TOKEN", raising=False)
     with TestClient(_api(backend, token=None)) as client:
-        response = client.post("/v1/admin/index/swap", json={"version": "v0002"},
-                               headers={"authorization": "Bearer anything"})
+        response = client.post(
+            "/v1/admin/index/swap", json={"version": "v0002"}, headers={"authorization": "Bearer anything"}
+        )
     assert response.status_code == 403 and "disabled" in response.json()["error"]["message"]
 
 
@@ -367,6 +427,5 @@ def test_openapi_document_resolves_and_documents_bodies_and_statuses(client):
         if model is not None:
             body = operation["requestBody"]
             assert body["required"] is True
-            assert body["content"]["application/json"]["schema"] == \
-                {"$ref": f"#/components/schemas/{model}"}
+            assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
     assert operations[("post", "/v1/admin/index/swap")]["security"] == [{"HTTPBearer": []}]
