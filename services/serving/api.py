@@ -75,7 +75,7 @@ Question = Annotated[
 
 
 class DecodingOptions(BaseModel):
-    """How to decode: the RAG variant, the RAG-Sequence decoding, beams and length."""
+    """How to decode: the RAG mode, the RAG-Sequence decoding, beams and length."""
 
     model_config = ConfigDict(extra="forbid")
     n_docs: int = Field(5, ge=1, le=MAX_N_DOCS, description="passages retrieved (K)")

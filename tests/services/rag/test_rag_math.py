@@ -32,10 +32,10 @@ def setup():
     return bart, ids, mask, labels, doc_scores, target, log_probs
 
 
-def _reference(bart, variant, ids, mask, doc_scores, labels, epsilon, exclude_bos):
+def _reference(bart, mode, ids, mask, doc_scores, labels, epsilon, exclude_bos):
     seq, tok = hf_rag(bart, K, label_smoothing=epsilon)
-    model = seq if variant == "sequence" else tok
-    kwargs = {"exclude_bos_score": exclude_bos} if variant == "sequence" else {}
+    model = seq if mode == "sequence" else tok
+    kwargs = {"exclude_bos_score": exclude_bos} if mode == "sequence" else {}
     with torch.no_grad():
         out = model(
             context_input_ids=ids,
@@ -111,11 +111,11 @@ def test_marginals_by_hand_and_doc_mask(setup):
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
-@pytest.mark.parametrize("variant", ["sequence", "token"])
-def test_explicit_target_mask_matches_transformers(setup, variant, epsilon):
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_explicit_target_mask_matches_transformers(setup, mode, epsilon):
     # With a mask given, it alone says what is scored: pads replaced by a real token change nothing.
     bart, ids, mask, labels, doc_scores, target, log_probs = setup
-    loss = rag_sequence_nll if variant == "sequence" else rag_token_nll
+    loss = rag_sequence_nll if mode == "sequence" else rag_token_nll
     ours = loss(
         log_probs,
         doc_scores,
@@ -124,17 +124,17 @@ def test_explicit_target_mask_matches_transformers(setup, variant, epsilon):
         target_mask=target != BART_PAD,
         epsilon=epsilon,
     )
-    ref = _reference(bart, variant, ids, mask, doc_scores, labels, epsilon, False)
+    ref = _reference(bart, mode, ids, mask, doc_scores, labels, epsilon, False)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["sequence", "token"])
-def test_bos_is_scored_unless_excluded(setup, variant):
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_bos_is_scored_unless_excluded(setup, mode):
     # Naming bos_id alone keeps transformers' default (exclude_bos_score=False); every target starts with bos.
     bart, ids, mask, labels, doc_scores, target, log_probs = setup
-    loss = rag_sequence_nll if variant == "sequence" else rag_token_nll
+    loss = rag_sequence_nll if mode == "sequence" else rag_token_nll
     ours = loss(log_probs, doc_scores, target, pad_id=BART_PAD, bos_id=BART_BOS)
-    ref = _reference(bart, variant, ids, mask, doc_scores, labels, 0.0, False)
+    ref = _reference(bart, mode, ids, mask, doc_scores, labels, 0.0, False)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
