@@ -66,9 +66,8 @@ class ShardConfig(Config):
     faiss_threads: int = Field(1, ge=1)
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 128}
     verify_checksums: bool = True
-    blas_threshold: int | None = Field(
-        None, ge=1
-    )  # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
+    # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
+    blas_threshold: int | None = Field(None, ge=1)
 
 
 @dataclass

@@ -30,9 +30,8 @@ class ShardGroupConfig(Config):
     index_root: str
     replicas: int = Field(1, ge=1)
     faiss_threads: int = Field(1, ge=1)
-    blas_threshold: int | None = Field(
-        None, ge=1
-    )  # FAISS's distance_compute_blas_threshold in the shard actors
+    # FAISS's distance_compute_blas_threshold in the shard actors
+    blas_threshold: int | None = Field(None, ge=1)
     allow_partial: bool = True
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 256}
     shard_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved per shard replica

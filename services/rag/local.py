@@ -114,10 +114,10 @@ class LocalRag:
             ids=np.array([[p.id for p in docs] for docs in found], np.int64),
             titles=[[p.title for p in docs] for docs in found],
             texts=[[p.text for p in docs] for docs in found],
-            vectors=self.vectors[rows],
+            vectors=self.vectors[rows],  # (B, k, d)
             version=LOCAL_VERSION,
             coverage=1.0,
-        )  # (B, k, d)
+        )
 
     def retrieve(self, questions: list[str]) -> Retrieved:
         """The top-K passages of each question with their doc scores."""
