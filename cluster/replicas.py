@@ -11,9 +11,11 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from cluster.metrics import REPLICA_DEATHS, REPLICA_RESTARTS
 from cluster.shard import Shard, ShardConfig
 
 RemoteShard = ray.remote(Shard)
+PROBE_INTERVAL_S = 1.0  # a ready replica is health-probed at most this often
 
 
 @dataclass(eq=False)
@@ -22,11 +24,14 @@ class Replica:
 
     handle: ray.actor.ActorHandle
     ready: ray.ObjectRef  # health() of the freshly started actor
+    shard: int
     state: str = "starting"  # starting | ready | dead
     inflight: int = 0
     serial: int = field(default_factory=itertools.count().__next__)  # unique per started actor
     started_at: float = field(default_factory=time.monotonic)
     info: dict = field(default_factory=dict)
+    probe: ray.ObjectRef | None = None  # a health() call in flight, while ready
+    probed_at: float = field(default_factory=time.monotonic)
 
 
 class ReplicaSet:
@@ -72,19 +77,46 @@ class ReplicaSet:
 
     def _launch(self, shard: int) -> Replica:
         handle = RemoteShard.options(**self.actor_options).remote(self.shards[shard])
-        return Replica(handle=handle, ready=handle.health.remote())
+        return Replica(handle=handle, ready=handle.health.remote(), shard=shard)
 
     def _refresh(self, shard: int) -> None:
-        """Promote started replicas, restart dead ones once their backoff is over. Holds the lock."""
+        """Promote started replicas, probe ready ones, restart dead ones once their backoff is over.
+        Holds the lock."""
+        tags = self._tags(shard)
         for slot, replica in enumerate(self._rows[shard]):
             if replica.state == "starting" and ray.wait([replica.ready], timeout=0)[0]:
                 try:
                     replica.info, replica.state = ray.get(replica.ready), "ready"
                 except (RayActorError, RayTaskError):
                     replica.state = "dead"
+            if replica.state == "ready" and not self._probe(replica):
+                self._mark_dead(replica, tags)
             backoff_over = time.monotonic() - replica.started_at >= self.restart_backoff_s
             if replica.state == "dead" and not self._stopped and backoff_over:
                 self._rows[shard][slot] = self._launch(shard)
+                REPLICA_RESTARTS.inc(tags=tags)
+
+    @staticmethod
+    def _probe(replica: Replica) -> bool:
+        """False once the replica's latest health probe failed; sends the next probe when due."""
+        if replica.probe is not None and ray.wait([replica.probe], timeout=0)[0]:
+            try:
+                ray.get(replica.probe)
+            except (RayActorError, RayTaskError):
+                return False
+            replica.probe = None
+        if replica.probe is None and time.monotonic() - replica.probed_at >= PROBE_INTERVAL_S:
+            replica.probe, replica.probed_at = replica.handle.health.remote(), time.monotonic()
+        return True
+
+    def _mark_dead(self, replica: Replica, tags: dict[str, str]) -> None:
+        """The replica's actor is gone or broken: kill what is left of it, to be restarted."""
+        replica.state = "dead"
+        ray.kill(replica.handle, no_restart=True)
+        REPLICA_DEATHS.inc(tags=tags)
+
+    def _tags(self, shard: int) -> dict[str, str]:
+        return {"version": self.shards[shard].version, "shard": str(shard)}
 
     def acquire(self, shard: int, exclude: set[int]) -> Replica | None:
         """The least loaded live replica of `shard` not in `exclude` (serials), counted in flight."""
@@ -103,8 +135,7 @@ class ReplicaSet:
         with self._lock:
             replica.inflight -= 1
             if died and replica.state == "ready":
-                replica.state = "dead"
-                ray.kill(replica.handle, no_restart=True)
+                self._mark_dead(replica, self._tags(replica.shard))
 
     def states(self) -> list[list[dict]]:
         """Per shard, per replica: state, in-flight calls, node and pid."""

@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError
 from cluster.config import Config
 from cluster.index_store import Manifest, check_index_root, load_manifest, resolve_version
 from cluster.merge import SearchResult, merge_hits
+from cluster.metrics import COVERAGE, FAN_OUT_MS, INDEX_VERSION
 from cluster.replicas import Replica, ReplicaSet
 from cluster.shard import ShardConfig, ShardHits
 
@@ -73,6 +74,7 @@ class ShardGroup:
         self._swap_lock = threading.Lock()
         version = resolve_version(config.index_root, version)
         self._route = self._start_route(version, load_manifest(config.index_root, version))
+        INDEX_VERSION.set(1, tags={"version": version})
 
     @property
     def version(self) -> str:
@@ -171,6 +173,7 @@ class ShardGroup:
                     self._idle.notify_all()
         answered = [h for h in hits if h is not None]
         coverage = len(answered) / len(hits)
+        COVERAGE.set(coverage, tags={"version": route.version})
         if not answered or (coverage < 1.0 and not self.config.allow_partial):
             missing = [s for s, h in enumerate(hits) if h is None]
             raise ShardUnavailableError(f"index {route.version}: no live replica for shards {missing}")
@@ -179,6 +182,7 @@ class ShardGroup:
             "total_ms": (time.perf_counter() - start) * 1e3,
             "max_shard_ms": max(h.search_ms for h in answered),
         }
+        FAN_OUT_MS.observe(result.timings["total_ms"], tags={"version": route.version})
         return result
 
     # ---- versions and health ---------------------------------------------------------------
@@ -202,6 +206,8 @@ class ShardGroup:
             new_route = self._start_route(version, manifest)
             with self._lock:
                 old, self._route = self._route, new_route
+            INDEX_VERSION.set(0, tags={"version": old.version})
+            INDEX_VERSION.set(1, tags={"version": version})
             self._drain(old)
 
     def _drain(self, route: _Route) -> None:

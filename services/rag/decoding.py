@@ -17,6 +17,18 @@ from services.rag.marginal import doc_log_probs, rag_sequence_nll
 
 NEG = -1.0e9  # transformers' "impossible" score
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StopCheck = Callable[[], bool]
+"""Asked between decoding steps; True stops the decoding (its caller left, or its deadline passed)."""
+
+
+class GenerationStopped(Exception):
+    """Decoding was stopped between two steps because `StopCheck` said so."""
+
+
+def check_stop(stop: StopCheck | None, where: str) -> None:
+    """Raise GenerationStopped when `stop` says so; `where` names the point reached."""
+    if stop is not None and stop():
+        raise GenerationStopped(f"generation stopped {where}")
 
 
 @dataclass(frozen=True)
@@ -51,13 +63,15 @@ def beam_search(
     pad_id: int,
     forced_eos_id: int | None,
     config: BeamConfig,
+    stop: StopCheck | None = None,
 ) -> Beams:
     """Beam search for G independent groups of n beams.
 
     first: log-probs (G, n, V) of the first token (rows of a group start identical).
     step(tokens (G, n), source (G, n)) -> log-probs (G, n, V): beam j now continues old beam
     source[g, j] of its group and appends tokens[g, j]. The token log-probs returned are the
-    model's own, also where `forced_eos_id` overrides the choice at the last step.
+    model's own, also where `forced_eos_id` overrides the choice at the last step. `stop` is
+    asked before each model step.
     """
     groups, n, vocab = first.shape
     t_max, device = config.max_new_tokens, first.device
@@ -99,6 +113,7 @@ def beam_search(
         open_ = open_ & (best_running > worst_done).any(1, keepdim=True)
         if not open_.any() or hits.all():
             break
+        check_stop(stop, f"after {t + 1} of {t_max} steps")
         log_probs = step(run_tokens[:, :, t], run_source)
     return Beams(fin_tokens, fin_scores, fin_lp)
 
@@ -119,7 +134,11 @@ def generated_mask(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tens
 
 
 def rag_token_generate(
-    generator: Generator, ctx: Contexts, doc_scores: torch.Tensor, config: BeamConfig
+    generator: Generator,
+    ctx: Contexts,
+    doc_scores: torch.Tensor,
+    config: BeamConfig,
+    stop: StopCheck | None = None,
 ) -> torch.Tensor:
     """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best."""
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
@@ -143,12 +162,18 @@ def rag_token_generate(
         pad_id=generator.pad_id,
         forced_eos_id=generator.forced_eos_id,
         config=config,
+        stop=stop,
     )
     return beams.tokens[:, 0]  # (B, T)
 
 
 def rag_sequence_generate(
-    generator: Generator, ctx: Contexts, doc_scores: torch.Tensor, config: BeamConfig, thorough: bool = True
+    generator: Generator,
+    ctx: Contexts,
+    doc_scores: torch.Tensor,
+    config: BeamConfig,
+    thorough: bool = True,
+    stop: StopCheck | None = None,
 ) -> torch.Tensor:
     """RAG-Sequence: beams per document, then each distinct hypothesis scored by p(y|x); (B, T) best.
 
@@ -171,7 +196,9 @@ def rag_sequence_generate(
         pad_id=generator.pad_id,
         forced_eos_id=generator.forced_eos_id,
         config=config,
+        stop=stop,
     )
+    check_stop(stop, "before rescoring")
     example, cands, inverse = _distinct_hypotheses(beams.tokens.view(b, k * n, -1))  # (N,), (N, T), (B*K*n,)
     row_doc = torch.arange(k, device=cands.device).repeat_interleave(n).repeat(b)  # (B*K*n,)
     produced = torch.zeros((cands.shape[0], k), dtype=torch.bool, device=cands.device)  # (N, K)

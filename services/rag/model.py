@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
-from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
+from services.rag.decoding import BeamConfig, StopCheck, check_stop, rag_sequence_generate, rag_token_generate
 from services.rag.generator import Generator
 from services.rag.marginal import rag_sequence_nll, rag_token_nll
 
@@ -38,8 +38,11 @@ def generate_answers(
     decoding: Decoding = "fast",
     num_beams: int = 4,
     max_new_tokens: int = 32,
+    stop: StopCheck | None = None,
 ) -> list[str]:
-    """Answer each question from its K passages and their doc scores (B, K); one string each."""
+    """Answer each question from its K passages and their doc scores (B, K); one string each.
+
+    `stop` is asked before the prefill and between decoding steps (GenerationStopped)."""
     if mode not in ("sequence", "token"):
         raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
     if decoding not in ("thorough", "fast"):
@@ -47,10 +50,12 @@ def generate_answers(
     config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
     ctx = generator.contexts(questions, titles, texts)
     scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
+    check_stop(stop, "before the prefill")
     if mode == "token":
-        tokens = rag_token_generate(generator, ctx, scores, config)  # (B, T)
+        tokens = rag_token_generate(generator, ctx, scores, config, stop)  # (B, T)
     else:
-        tokens = rag_sequence_generate(generator, ctx, scores, config, thorough=decoding == "thorough")
+        thorough = decoding == "thorough"
+        tokens = rag_sequence_generate(generator, ctx, scores, config, thorough, stop)
     return generator.decode(tokens)
 
 

@@ -49,19 +49,22 @@ def error_response(
 class ApiError(Exception):
     """An error the app answers with: HTTP status plus a message naming the problem."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
 
 def _question(value: str) -> str:
+    if len(value) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question is {len(value)} characters; the limit is {MAX_QUESTION_CHARS}")
     value = value.strip()
     if not value:
         raise ValueError("question must not be empty")
-    if len(value) > MAX_QUESTION_CHARS:
-        raise ValueError(f"question is {len(value)} characters; the limit is {MAX_QUESTION_CHARS}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -70,7 +73,13 @@ def _question(value: str) -> str:
 
 
 Question = Annotated[
-    str, AfterValidator(_question), Field(description=f"1 to {MAX_QUESTION_CHARS} characters")
+    str,
+    AfterValidator(_question),
+    Field(
+        description=f"1 to {MAX_QUESTION_CHARS} characters, not all white space",
+        # documented here, checked by _question (whose messages say more than the schema's)
+        json_schema_extra={"minLength": 1, "maxLength": MAX_QUESTION_CHARS, "pattern": r"\S"},
+    ),
 ]
 
 
@@ -94,7 +103,15 @@ class AnswerRequest(DecodingOptions):
 class RetrieveRequest(BaseModel):
     """One `question` or a list `questions`; `k` passages each."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # exactly one of the two is given (not null)
+            "oneOf": [
+                {"required": ["question"], "properties": {"question": {"type": "string"}}},
+                {"required": ["questions"], "properties": {"questions": {"type": "array"}}},
+            ]
+        },
+    )
     question: Question | None = None
     questions: list[Question] | None = Field(None, min_length=1, max_length=MAX_BATCH_QUESTIONS)
     k: int = Field(5, ge=1, le=MAX_N_DOCS)
@@ -212,15 +229,30 @@ ERRORS = {
     404: "The index version is not in the index root.",
     413: f"The body is over {MAX_BODY_BYTES} bytes.",
     415: "The body is not sent as application/json.",
-    422: "A field is missing, unknown or out of range (the message names it), or the generator "
+    422: "A field is missing, unknown or out of range (the message names it), the request asks for "
+    "more work (n_docs × num_beams × max_new_tokens) than the server's limit, or the generator "
     "cannot decode the question as asked.",
-    503: "No shard of the index can answer right now (the message names them).",
+    503: "No shard of the index can answer right now (the message names them), or the queues are "
+    "full: retry after the `Retry-After` header's seconds.",
+    504: "No answer within the server's deadline (args.limits.request_timeout_s); its decoding was stopped.",
+}
+
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying (when the queues are full).",
+        "schema": {"type": "integer"},
+    }
 }
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the error statuses a route can answer with."""
-    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+    return {
+        status: {"model": ErrorResponse, "description": ERRORS[status]}
+        | ({"headers": RETRY_AFTER} if status == 503 else {})
+        for status in statuses
+    }
 
 
 _JSON_TYPES = {
@@ -272,7 +304,7 @@ async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
 
 
 async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    return error_response(error.status, error.message, error.param)
+    return error_response(error.status, error.message, error.param, error.headers)
 
 
 ERROR_HANDLERS = {RequestValidationError: _validation_error, HTTPException: _http_error, ApiError: _api_error}

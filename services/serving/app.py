@@ -4,14 +4,18 @@ import asyncio
 import hmac
 import os
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.shard_group import ShardUnavailableError
 from services.rag.retrieval import Retrieved
@@ -39,9 +43,26 @@ from services.serving.deployments import (
     RetrieverDeployment,
     docs_of,
 )
-from services.serving.engine import GenerateRequest
+from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
+from services.serving.metrics import LATENCY_MS, REQUESTS
 
 ADMIN_TOKEN_ENV = "RAYRAG_ADMIN_TOKEN"
+T = TypeVar("T")
+
+
+@contextmanager
+def _stage(route: str, stage: str) -> Iterator[None]:
+    """Time one stage of a request into LATENCY_MS, tagged with how it ended."""
+    start, status = time.perf_counter(), "cancelled"
+    try:
+        yield
+        status = "200"
+    except ApiError as error:
+        status = str(error.status)
+        raise
+    finally:
+        elapsed = (time.perf_counter() - start) * 1000
+        LATENCY_MS.observe(elapsed, tags={"route": route, "stage": stage, "status": status})
 
 
 class Ingress:
@@ -57,37 +78,78 @@ class Ingress:
         self.retriever = retriever.options(_by_reference=False)
         self.generator = generator.options(_by_reference=False)
         self.admin_token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        self.limits = config.limits
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on each replica, after `__init__`, for the app it serves."""
         return build_api(self)
 
+    async def _call(self, deployment: str, call: Awaitable[T]) -> T:
+        """Await a deployment call; 503 with Retry-After when its queue is full."""
+        try:
+            return await call
+        except BackPressureError as error:
+            retry = self.limits.retry_after_s
+            raise ApiError(
+                503,
+                f"the {deployment} is at capacity ({error}); retry after {retry} s",
+                headers={"Retry-After": str(retry)},
+            ) from error
+
     async def retrieve(self, question: str, k: int) -> Retrieved:
         """The question's top-k (a batch of one) from the Retriever; 503 naming the shards when
         none of them can answer."""
         try:
-            return await self.retriever.retrieve.remote(question, k)
+            return await self._call("Retriever", self.retriever.retrieve.remote(question, k))
         except ShardUnavailableError as error:
             raise ApiError(503, f"the index cannot be searched right now: {error}") from error
 
-    async def answer(self, question: str, options: DecodingOptions) -> AnswerResponse:
-        """Retrieve, then generate; timings are the replicas' in-process times and the total."""
-        start = time.perf_counter()
-        found = await self.retrieve(question, options.n_docs)
-        generated = await self.generator.generate.remote(
-            GenerateRequest(
-                question=question,
-                titles=found.titles[0],
-                texts=found.texts[0],
-                doc_scores=found.doc_scores[0].tolist(),
-                mode=options.mode,
-                decoding=options.decoding,
-                num_beams=options.num_beams,
-                max_new_tokens=options.max_new_tokens,
+    def check_work(self, options: DecodingOptions) -> None:
+        """422 when the decoding asked for is over the server's work limit."""
+        work = options.n_docs * options.num_beams * options.max_new_tokens
+        if work > self.limits.max_request_work:
+            raise ApiError(
+                422,
+                f"n_docs × num_beams × max_new_tokens = {options.n_docs} × {options.num_beams} × "
+                f"{options.max_new_tokens} = {work} is over this server's limit of "
+                f"{self.limits.max_request_work} (args.limits.max_request_work); ask for less",
             )
+
+    async def answer(self, question: str, options: DecodingOptions, route: str) -> AnswerResponse:
+        """Retrieve, then generate, within the work limit and the deadline (504 past it)."""
+        self.check_work(options)
+        timeout = self.limits.request_timeout_s
+        answering = self._answer(question, options, route, deadline=time.time() + timeout)
+        try:
+            return await asyncio.wait_for(answering, timeout)
+        except asyncio.TimeoutError as error:
+            message = f"no answer within the deadline of {timeout:g} s; its decoding was stopped"
+            raise ApiError(504, message) from error
+
+    async def _answer(
+        self, question: str, options: DecodingOptions, route: str, deadline: float
+    ) -> AnswerResponse:
+        """Timings are the replicas' in-process times and the total."""
+        start = time.perf_counter()
+        with _stage(route, "retrieve"):
+            found = await self.retrieve(question, options.n_docs)
+        request = GenerateRequest(
+            question=question,
+            titles=found.titles[0],
+            texts=found.texts[0],
+            doc_scores=found.doc_scores[0].tolist(),
+            mode=options.mode,
+            decoding=options.decoding,
+            num_beams=options.num_beams,
+            max_new_tokens=options.max_new_tokens,
+            deadline=deadline,
         )
-        if generated.error is not None:
-            raise ApiError(422, f"question cannot be answered as asked: {generated.error}")
+        with _stage(route, "generate"):
+            generated = await self._call("Generator", self.generator.generate.remote(request))
+            if generated.stopped:
+                raise ApiError(504, f"no answer within the deadline: {generated.error}")
+            if generated.error is not None:
+                raise ApiError(422, f"question cannot be answered as asked: {generated.error}")
         total = (time.perf_counter() - start) * 1000
         return AnswerResponse(
             answer=generated.answer,
@@ -101,7 +163,8 @@ class Ingress:
     async def retrieve_many(self, questions: list[str], k: int) -> RetrieveResponse:
         """Top-k per question, searched concurrently; versions are joined if a swap fell between."""
         start = time.perf_counter()
-        found = await asyncio.gather(*(self.retrieve(q, k) for q in questions))
+        with _stage("/v1/retrieve", "retrieve"):
+            found = await asyncio.gather(*(self.retrieve(q, k) for q in questions))
         versions = {f.version for f in found}
         return RetrieveResponse(
             index_version=found[0].version if len(versions) == 1 else ",".join(sorted(versions)),
@@ -147,10 +210,10 @@ BODY_ERRORS = (400, 413, 415, 422)
 router = APIRouter()
 
 
-@router.post("/v1/answer", responses=responses(*BODY_ERRORS, 503))
+@router.post("/v1/answer", responses=responses(*BODY_ERRORS, 503, 504))
 async def post_answer(body: AnswerRequest, ingress: Backend) -> AnswerResponse:
     """Answer a question with RAG; the docs it used come with it."""
-    return await ingress.answer(body.question, body)
+    return await ingress.answer(body.question, body, "/v1/answer")
 
 
 @router.post("/v1/retrieve", responses=responses(*BODY_ERRORS, 503))
@@ -168,10 +231,10 @@ CHAT_OK = {
 }
 
 
-@router.post("/v1/chat/completions", responses={**CHAT_OK, **responses(*BODY_ERRORS, 503)})
+@router.post("/v1/chat/completions", responses={**CHAT_OK, **responses(*BODY_ERRORS, 503, 504)})
 async def post_chat(body: ChatRequest, ingress: Backend) -> Any:
     """OpenAI-compatible chat completion: the last user message is the question."""
-    answer = await ingress.answer(body.question(), body.options())
+    answer = await ingress.answer(body.question(), body.options(), "/v1/chat/completions")
     if not body.stream:
         return chat_completion(body, answer)
     return StreamingResponse(iter(sse(chat_chunks(body, answer))), media_type="text/event-stream")
@@ -205,6 +268,37 @@ async def swap(body: SwapRequest, ingress: Backend) -> dict[str, Any]:
     return await ingress.swap(body.version)
 
 
+class RequestMetrics:
+    """ASGI middleware: counts every request by route and status and times it (stage "total");
+    paths that are not routes count as "other", requests whose client left as "cancelled"."""
+
+    def __init__(self, app: ASGIApp, routes: set[str]):
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        start, status = time.perf_counter(), "cancelled"
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            tags = {"route": route, "status": status}
+            REQUESTS.inc(tags=tags)
+            LATENCY_MS.observe((time.perf_counter() - start) * 1000, tags={**tags, "stage": "total"})
+
+
 def build_api(ingress: Ingress) -> FastAPI:
     """The FastAPI app over `ingress`: routes, error bodies, the body-size limit."""
     api = FastAPI(
@@ -214,6 +308,7 @@ def build_api(ingress: Ingress) -> FastAPI:
         f"answer carries its provenance. Limits: body ≤ {MAX_BODY_BYTES} bytes; see the schemas.",
     )
     api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    api.add_middleware(RequestMetrics, routes={route.path for route in router.routes})
     api.include_router(router)
     api.state.ingress = ingress
     return api
@@ -224,11 +319,14 @@ IngressDeployment = serve.deployment(
 )(serve.ingress()(Ingress))
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """Serve application builder: `serve run deploy.yaml` (import_path services.serving.app:build_app)."""
+def build_app(args: dict[str, Any], engine: EngineFactory = RagEngine) -> Application:
+    """Serve application builder: `serve run deploy.yaml` (import_path services.serving.app:build_app);
+    `engine` builds the Generator's engine (Serve passes only `args`)."""
     config = AppConfig.from_args(args)
     if config.ingress.admin_token is None and os.environ.get(ADMIN_TOKEN_ENV):
         config.ingress.admin_token = os.environ[ADMIN_TOKEN_ENV]
     retriever = RetrieverDeployment.options(**config.retriever.deployment_options()).bind(config.retriever)
-    generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(config.generator)
+    generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(
+        config.generator, engine
+    )
     return IngressDeployment.bind(retriever, generator, config.ingress)

@@ -17,9 +17,11 @@ from ray import serve
 
 from cluster.config import Config
 from cluster.index_store import list_versions, published_version
+from services.rag.decoding import GenerationStopped
 from services.rag.retrieval import Retrieved, retrieve
 from services.serving.api import Doc
 from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
+from services.serving.metrics import IN_FLIGHT, QUEUED
 
 
 def default_index_root() -> str:
@@ -37,13 +39,17 @@ class BatchConfig(Config):
 
 
 class DeploymentConfig(Config):
-    """Replicas (fixed, or a Serve autoscaling_config), CPUs per replica, batching."""
+    """Replicas (fixed, or a Serve autoscaling_config), CPUs per replica, batching, and the
+    bounded queues: a replica works on `max_ongoing_requests` (default: two batches) and the
+    callers of a deployment hold at most `max_queued_requests` more; past that, 503."""
 
     num_replicas: int = Field(1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = Field(1.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
 
     def deployment_options(self) -> dict[str, Any]:
         scale = (
@@ -54,7 +60,8 @@ class DeploymentConfig(Config):
         return {
             **scale,
             "ray_actor_options": {"num_cpus": self.num_cpus},
-            "max_ongoing_requests": max(8, 2 * self.batch.max_batch_size),
+            "max_ongoing_requests": self.max_ongoing_requests or max(8, 2 * self.batch.max_batch_size),
+            "max_queued_requests": self.max_queued_requests,
         }
 
 
@@ -95,8 +102,18 @@ class GeneratorConfig(DeploymentConfig):
     generator: str = "default"
 
 
+class LimitsConfig(Config):
+    """deploy.yaml's `args.limits`: what one request may ask for and wait."""
+
+    request_timeout_s: float = Field(60.0, gt=0)  # past it: 504, and the decoding stops
+    # n_docs × num_beams × max_new_tokens, the decoder rows × steps a request may ask for
+    max_request_work: int = Field(4096, ge=1)
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After of a 503 when the queues are full
+
+
 class IngressConfig(Config):
     admin_token: str | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class ModelsArgs(Config):
@@ -113,6 +130,7 @@ class AppArgs(Config):
     models: ModelsArgs = Field(default_factory=ModelsArgs)
     retriever: DeploymentConfig = Field(default_factory=DeploymentConfig)
     generator: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     admin_token: str | None = None
 
 
@@ -134,19 +152,31 @@ class AppConfig(Config):
         generator = GeneratorConfig.model_validate(
             {**parsed.generator.model_dump(), "generator": parsed.models.generator}
         )
-        return cls(
-            retriever=retriever, generator=generator, ingress=IngressConfig(admin_token=parsed.admin_token)
-        )
+        ingress = IngressConfig(admin_token=parsed.admin_token, limits=parsed.limits)
+        return cls(retriever=retriever, generator=generator, ingress=ingress)
 
 
 @dataclass
 class Generated:
-    """An answer, or `error` naming why this request's input cannot be decoded (→ 422)."""
+    """An answer, or `error` naming why this request's input cannot be decoded (→ 422), or why
+    its decoding was stopped (`stopped`: its caller left or its deadline passed)."""
 
     answer: str
     generate_ms: float
     batch_size: int
     error: str | None = None
+    stopped: bool = False
+
+
+class Ticket:
+    """A request's claim on the decoding; void once its caller has gone or its deadline passed."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.deadline = deadline
+        self.cancelled = False
+
+    def void(self) -> bool:
+        return self.cancelled or (self.deadline is not None and time.time() >= self.deadline)
 
 
 def docs_of(found: Retrieved) -> list[Doc]:
@@ -263,30 +293,63 @@ class RetrieverDeployment:
 @serve.deployment(name="Generator")
 class GeneratorDeployment:
     """Answers with an injected engine (`RagEngine` by default); `@serve.batch` groups compatible
-    requests into one engine call."""
+    requests into one engine call, which stops once every request in it is void (`Ticket`)."""
 
     def __init__(self, config: GeneratorConfig, engine: EngineFactory = RagEngine):
         torch.set_num_threads(config.torch_threads)
         self.engine = engine(config.generator)
         self.failure: BaseException | None = None
-        _set_batching(self.generate, config.batch)
+        self.held = 0  # requests inside `generate` (event loop only)
+        self.working = 0  # of those, inside an engine call (batch thread only)
+        _set_batching(self._batched, config.batch)
+
+    async def generate(self, request: GenerateRequest) -> Generated:
+        """Answer one request; cancelling the call (caller gone, deadline) voids its ticket."""
+        ticket = Ticket(request.deadline)
+        self._hold(1)
+        try:
+            return await self._batched(request, ticket)
+        except asyncio.CancelledError:
+            ticket.cancelled = True
+            raise
+        finally:
+            self._hold(-1)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def generate(self, requests: list[GenerateRequest]) -> list[Generated]:
-        return await asyncio.to_thread(self.generate_batch, requests)
+    async def _batched(self, requests: list[GenerateRequest], tickets: list[Ticket]) -> list[Generated]:
+        return await asyncio.to_thread(self.generate_batch, requests, tickets)
 
-    def generate_batch(self, requests: list[GenerateRequest]) -> list[Generated]:
-        """One engine call per group of equal `batch_key()`; results in request order."""
+    def load(self) -> dict[str, int]:
+        """Requests held (queued or decoding) and those being decoded now."""
+        return {"held": self.held, "working": self.working}
+
+    def _hold(self, change: int) -> None:
+        self.held += change
+        self._report()
+
+    def _report(self) -> None:
+        tags = {"deployment": "Generator"}
+        IN_FLIGHT.set(self.held, tags=tags)
+        QUEUED.set(max(0, self.held - self.working), tags=tags)
+
+    def generate_batch(
+        self, requests: list[GenerateRequest], tickets: list[Ticket] | None = None
+    ) -> list[Generated]:
+        """One engine call per group of equal `batch_key()`; results in request order. Requests
+        already void are answered `stopped` without decoding."""
+        tickets = tickets or [Ticket(r.deadline) for r in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
+        out: list[Generated] = [_stopped("before decoding")] * len(requests)
         for i, request in enumerate(requests):
-            groups[request.batch_key()].append(i)
-        out: list[Generated | None] = [None] * len(requests)
+            if not tickets[i].void():
+                groups[request.batch_key()].append(i)
         for indices in groups.values():
-            for i, result in zip(indices, self._generate_safely([requests[i] for i in indices])):
+            group = [(requests[i], tickets[i]) for i in indices]
+            for i, result in zip(indices, self._generate_safely(group)):
                 out[i] = result
-        return out  # type: ignore[return-value]
+        return out
 
-    def _generate_safely(self, group: list[GenerateRequest]) -> list[Generated]:
+    def _generate_safely(self, group: list[tuple[GenerateRequest, Ticket]]) -> list[Generated]:
         """One call for the group; if its input is refused (ValueError), one call per request so
         that only the request at fault gets the error."""
         try:
@@ -294,20 +357,32 @@ class GeneratorDeployment:
         except ValueError as error:
             if len(group) == 1:
                 return [Generated("", 0.0, 1, error=str(error))]
-            return [r for request in group for r in self._generate_safely([request])]
+            return [r for member in group for r in self._generate_safely([member])]
 
-    def _generate_group(self, group: list[GenerateRequest]) -> list[Generated]:
+    def _generate_group(self, group: list[tuple[GenerateRequest, Ticket]]) -> list[Generated]:
+        requests, tickets = [r for r, _ in group], [t for _, t in group]
         start = time.perf_counter()
+        self.working += len(group)
+        self._report()
         try:
-            answers = self.engine.generate(group)
+            answers = self.engine.generate(requests, stop=lambda: all(t.void() for t in tickets))
+        except GenerationStopped as stopped:
+            return [_stopped(str(stopped))] * len(group)
         except ValueError:
             raise
         except Exception as error:  # a broken engine, not bad input: check_health restarts us
             self.failure = error
             raise
+        finally:
+            self.working -= len(group)
+            self._report()
         elapsed = (time.perf_counter() - start) * 1000
         return [Generated(answer=a, generate_ms=elapsed, batch_size=len(group)) for a in answers]
 
     def check_health(self) -> None:
         if self.failure is not None:
             raise self.failure
+
+
+def _stopped(why: str) -> Generated:
+    return Generated("", 0.0, 0, error=why, stopped=True)

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.rag.decoding import StopCheck
+
 
 @dataclass
 class GenerateRequest:
@@ -19,6 +21,7 @@ class GenerateRequest:
     decoding: str
     num_beams: int
     max_new_tokens: int
+    deadline: float | None = None  # time.time() past which nobody waits for the answer
 
     def batch_key(self) -> tuple:
         """Requests with equal keys go to the engine together, in one `generate` call."""
@@ -28,9 +31,11 @@ class GenerateRequest:
 class Engine(Protocol):
     """A loaded generator that answers batches; the Generator deployment owns one per replica."""
 
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
         """One answer per request; every request in the list has the same `batch_key()`.
 
+        `stop` is to be asked between decoding steps: when it says True, nobody waits for these
+        answers any more, and the engine raises `GenerationStopped` to free the replica.
         Raises ValueError when the input cannot be decoded as asked (the request's fault: a
         client error); any other exception means the engine is broken (the replica restarts).
         """
@@ -51,7 +56,7 @@ class RagEngine:
         model, tokenizer = load_generator(generator)
         self.generator = make_generator(model, tokenizer).eval()
 
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
         from services.rag.model import generate_answers
 
         first = requests[0]
@@ -65,4 +70,5 @@ class RagEngine:
             decoding=first.decoding,
             num_beams=first.num_beams,
             max_new_tokens=first.max_new_tokens,
+            stop=stop,
         )

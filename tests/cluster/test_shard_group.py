@@ -173,6 +173,20 @@ def test_only_replica_killed_gives_partial_then_full(ray_session, tmp_path: Path
         group.close()
 
 
+def test_health_sees_a_killed_replica_without_a_search(ray_session, tmp_path: Path, data) -> None:
+    """Ready replicas are health-probed, so a replica that dies between searches shows as dead."""
+    vectors, _ = data
+    build_index_from_vectors(vectors, _passages(len(vectors), "a"), tmp_path, shards=2)
+    group = ShardGroup(_config(tmp_path, replicas=1, restart_backoff_s=600))  # no restart in the test
+    try:
+        assert group.health()["coverage"] == 1.0
+        _kill_and_wait(group.replica_handles()[1][0])
+        _wait_for(lambda: group.health()["coverage"] == 0.5, "health() to see the dead replica")
+        assert [row[0]["state"] for row in group.health()["shards"]] == ["ready", "dead"]
+    finally:
+        group.close()
+
+
 def test_swap_under_load_and_refusals(ray_session, tmp_path: Path, data) -> None:
     vectors, queries = data
     old = build_index_from_vectors(vectors, _passages(len(vectors), "old"), tmp_path, shards=2)

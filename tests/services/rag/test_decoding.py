@@ -8,6 +8,7 @@ import torch
 from services.rag.decoding import (
     BeamConfig,
     Beams,
+    GenerationStopped,
     beam_search,
     generated_mask,
     rag_sequence_generate,
@@ -221,3 +222,24 @@ def test_generated_mask_by_loop(eos, pad):
             ended = ended or tok == eos
         expected.append(keep)
     assert generated_mask(tokens, eos, pad).tolist() == expected
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+@pytest.mark.parametrize("allowed_steps", [0, 3])
+def test_decoding_stops_at_the_step_its_stop_check_says(mode, allowed_steps):
+    """`stop` is asked before every model step: the decoding takes exactly the steps allowed."""
+    bart, k = tiny_bart(seed=2, vocab=VOCAB), 3
+    ids, mask = random_contexts(2, k, VOCAB, seed=5)
+    generator, steps, checks = Seq2SeqGenerator(bart, None), [], []
+    step = generator.step
+    generator.step = lambda state, tokens: steps.append(1) or step(state, tokens)
+    decode = rag_token_generate if mode == "token" else rag_sequence_generate
+    with pytest.raises(GenerationStopped, match=f"after {allowed_steps + 1} of 40 steps"):
+        decode(
+            generator,
+            Contexts(ids, mask, k),
+            torch.zeros(2, k),
+            BeamConfig(num_beams=2, max_new_tokens=40),
+            stop=lambda: checks.append(1) or len(checks) > allowed_steps,
+        )
+    assert len(steps) == allowed_steps + 1  # the first step is part of the prefill (`start`)

@@ -3,144 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
+import concurrent.futures
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from ray.serve.exceptions import BackPressureError
 
-from cluster.shard_group import ShardUnavailableError
-from services.rag.retrieval import Retrieved
+from services.rag.decoding import GenerationStopped, StopCheck
+from services.serving import app as app_module
 from services.serving.api import MAX_BODY_BYTES
-from services.serving.app import Ingress, build_api
-from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig
+from services.serving.deployments import GeneratorConfig, GeneratorDeployment, LimitsConfig, Ticket
 from services.serving.engine import GenerateRequest
-
-TOKEN = "test-admin-token"
-PASSAGES = [
-    (10, "France", "Paris is the capital of France."),
-    (11, "Peru", "Lima is the capital of Peru."),
-    (12, "Norway", "Oslo is the capital of Norway and its largest city."),
-    (13, "Egypt", "Cairo lies on the Nile, the capital of Egypt."),
-    (14, "Falcons", "The peregrine falcon is the fastest bird."),
-]
-
-
-class FakeRetriever:
-    """Scores a passage by the question words in it; ties go to the lower id."""
-
-    def __init__(self) -> None:
-        self.version, self.down = "v0001", False
-
-    def retrieve(self, question: str, k: int) -> Retrieved:
-        if self.down:
-            raise ShardUnavailableError("no live replica for shards [0, 1]")
-        words = set(question.lower().split())
-        scored = sorted(
-            (
-                (sum(w.strip(".,") in words for w in text.lower().split()), pid, title, text)
-                for pid, title, text in PASSAGES
-            ),
-            key=lambda s: (-s[0], s[1]),
-        )[:k]
-        scores = np.array([[s[0] for s in scored]], dtype=np.float32)  # (1, k)
-        return Retrieved(
-            ids=np.array([[s[1] for s in scored]]),
-            titles=[[s[2] for s in scored]],
-            texts=[[s[3] for s in scored]],
-            scores=scores,
-            doc_scores=2 * scores,
-            vectors=None,
-            version=self.version,
-            coverage=1.0,
-            retrieve_ms=1.5,
-        )
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": not self.down, "index_version": self.version}
-
-    def index_info(self) -> dict[str, Any]:
-        return {"version": self.version, "versions": ["v0001", "v0002"]}
-
-    def swap(self, version: str) -> str:
-        self.version = version
-        return version
-
-
-class FakeEngine:
-    """Answers with the first word of the best-scored passage; refuses questions about 'nothing'."""
-
-    def __init__(self, generator: str) -> None:
-        self.batches: list[list[str]] = []
-
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
-        self.batches.append([r.question for r in requests])
-        if any("nothing" in r.question for r in requests):
-            raise ValueError("the prompt is longer than the generator's context")
-        return [r.texts[int(np.argmax(r.doc_scores))].split()[0] for r in requests]
-
-
-class BrokenEngine(FakeEngine):
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
-        raise RuntimeError("CUDA error: device-side assert triggered")
-
-
-class InProcessGenerator:
-    """The Generator deployment's batch logic, one request per batch (`@serve.batch` needs Serve)."""
-
-    def __init__(self, engine: type[FakeEngine]) -> None:
-        self.deployment = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=engine)
-
-    def generate(self, request: GenerateRequest):
-        return self.deployment.generate_batch([request])[0]
-
-
-class LocalHandle:
-    """DeploymentHandle stand-in: `handle.method.remote(*args)` awaits `target.method(*args)`."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def options(self, **_: Any) -> LocalHandle:
-        return self
-
-    def __getattr__(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(remote=lambda *args: _call(getattr(self.target, name), *args))
-
-    def broadcast(self, name: str, *args: Any) -> SimpleNamespace:
-        async def results() -> list[Any]:
-            return [await _call(getattr(self.target, name), *args)]
-
-        return SimpleNamespace(results_async=results)
-
-
-async def _call(method: Any, *args: Any) -> Any:
-    result = method(*args)
-    return await result if inspect.isawaitable(result) else result
-
-
-@pytest.fixture
-def backend() -> SimpleNamespace:
-    return SimpleNamespace(retriever=FakeRetriever(), generator=InProcessGenerator(FakeEngine))
-
-
-def _api(backend: SimpleNamespace, token: str | None = TOKEN):
-    ingress = Ingress(
-        LocalHandle(backend.retriever), LocalHandle(backend.generator), IngressConfig(admin_token=token)
-    )
-    return build_api(ingress)
-
-
-@pytest.fixture
-def client(backend, monkeypatch) -> TestClient:
-    monkeypatch.delenv("RAYRAG_ADMIN_TOKEN", raising=False)
-    with TestClient(_api(backend)) as test_client:
-        yield test_client
+from tests.services.serving.fakes import TOKEN, BrokenEngine, FakeEngine, InProcessGenerator, api_over
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -286,7 +167,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_all_read(backend):
             yield chunk
 
     async def post() -> httpx.Response:
-        transport = httpx.ASGITransport(app=_api(backend))
+        transport = httpx.ASGITransport(app=api_over(backend))
         async with httpx.AsyncClient(transport=transport, base_url="http://rayrag") as client:
             return await client.post("/v1/answer", content=body(), headers=JSON)
 
@@ -374,7 +255,7 @@ def test_admin_swap_needs_the_token(client, backend):
 
 def test_admin_calls_are_off_without_a_token(backend, monkeypatch):
     monkeypatch.delenv("RAYRAG_ADMIN_TOKEN", raising=False)
-    with TestClient(_api(backend, token=None)) as client:
+    with TestClient(api_over(backend, token=None)) as client:
         response = client.post(
             "/v1/admin/index/swap", json={"version": "v0002"}, headers={"authorization": "Bearer anything"}
         )
@@ -400,9 +281,9 @@ def _refs(node: Any) -> list[str]:
 
 
 ROUTES = {  # (method, path): (request model, statuses the route can answer with)
-    ("post", "/v1/answer"): ("AnswerRequest", {200, 400, 413, 415, 422, 503}),
+    ("post", "/v1/answer"): ("AnswerRequest", {200, 400, 413, 415, 422, 503, 504}),
     ("post", "/v1/retrieve"): ("RetrieveRequest", {200, 400, 413, 415, 422, 503}),
-    ("post", "/v1/chat/completions"): ("ChatRequest", {200, 400, 413, 415, 422, 503}),
+    ("post", "/v1/chat/completions"): ("ChatRequest", {200, 400, 413, 415, 422, 503, 504}),
     ("post", "/v1/admin/index/swap"): ("SwapRequest", {200, 400, 401, 403, 404, 413, 415, 422}),
     ("get", "/healthz"): (None, {200, 503}),
     ("get", "/v1/index"): (None, {200}),
@@ -429,3 +310,122 @@ def test_openapi_document_resolves_and_documents_bodies_and_statuses(client):
             assert body["required"] is True
             assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
     assert operations[("post", "/v1/admin/index/swap")]["security"] == [{"HTTPBearer": []}]
+
+
+def test_a_request_over_the_work_limit_is_a_422_naming_it(backend):
+    with TestClient(api_over(backend, limits=LimitsConfig(max_request_work=640))) as client:
+        within = client.post("/v1/answer", json={"question": "fastest bird", "n_docs": 5, "num_beams": 4})
+        over = client.post(
+            "/v1/answer", json={"question": "fastest bird", "n_docs": 5, "num_beams": 4, "max_new_tokens": 33}
+        )
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "q"}], "n_docs": 50, "max_tokens": 256},
+        )
+    assert within.status_code == 200
+    assert over.status_code == 422 and chat.status_code == 422
+    assert "5 × 4 × 33 = 660 is over this server's limit of 640" in over.json()["error"]["message"]
+    assert "args.limits.max_request_work" in chat.json()["error"]["message"]
+    assert len(backend.generator.deployment.engine.batches) == 1  # refused before any decoding
+
+
+class FullQueue:
+    """A deployment whose queue is full: every call is refused by Serve's backpressure."""
+
+    async def generate(self, *_: Any) -> None:
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    retrieve = generate
+
+
+@pytest.mark.parametrize("full", ["retriever", "generator"])
+def test_full_queues_are_a_503_with_retry_after(backend, full):
+    setattr(backend, full, FullQueue())
+    with TestClient(api_over(backend, limits=LimitsConfig(retry_after_s=3))) as client:
+        response = client.post("/v1/answer", json={"question": "fastest bird"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "3"
+    message = response.json()["error"]["message"]
+    assert f"the {full.capitalize()} is at capacity" in message and "max_queued_requests=64" in message
+
+
+class NeverAnswers:
+    """A Generator that holds every request until it is cancelled, and records the cancellation."""
+
+    def __init__(self) -> None:
+        self.requests: list[GenerateRequest] = []
+        self.cancelled = 0
+
+    async def generate(self, request: GenerateRequest) -> None:
+        self.requests.append(request)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+def test_past_the_deadline_a_504_and_the_generation_is_cancelled(backend):
+    backend.generator = NeverAnswers()
+    with TestClient(api_over(backend, limits=LimitsConfig(request_timeout_s=0.2))) as client:
+        before = time.time()
+        response = client.post("/v1/answer", json={"question": "fastest bird"})
+    assert response.status_code == 504
+    assert "no answer within the deadline of 0.2 s" in response.json()["error"]["message"]
+    assert backend.generator.cancelled == 1
+    assert before < backend.generator.requests[0].deadline <= time.time() + 0.2  # the replica knows it too
+
+
+def _request(question: str = "q", deadline: float | None = None) -> GenerateRequest:
+    return GenerateRequest(question, ["t"], ["x"], [1.0], "sequence", "fast", 1, 4, deadline=deadline)
+
+
+def test_void_requests_are_not_decoded():
+    generator = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=FakeEngine)
+    cancelled = Ticket()
+    cancelled.cancelled = True
+    requests = [_request("a"), _request("b", deadline=time.time() - 1), _request("c")]
+    out = generator.generate_batch(requests, [Ticket(), Ticket(0.0), cancelled])
+    assert [(g.answer, g.stopped) for g in out] == [("x", False), ("", True), ("", True)]
+    assert generator.engine.batches == [["a"]]
+
+
+class DecodesUntilStopped(FakeEngine):
+    """Takes decoding steps until `stop` says so; `started` is set at the first step."""
+
+    def __init__(self, generator: str) -> None:
+        super().__init__(generator)
+        self.started, self.steps = threading.Event(), 0
+
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
+        self.started.set()
+        while not stop():
+            self.steps += 1
+            assert self.steps < 10**8, "never stopped"
+        raise GenerationStopped(f"generation stopped after {self.steps} steps")
+
+
+def test_a_batch_stops_decoding_once_every_request_in_it_is_void():
+    generator = GeneratorDeployment.func_or_class(GeneratorConfig(generator="x"), engine=DecodesUntilStopped)
+    tickets = [Ticket(), Ticket()]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(generator.generate_batch, [_request("a"), _request("b")], tickets)
+        assert generator.engine.started.wait(30)
+        tickets[0].cancelled = True
+        assert generator.load() == {"held": 0, "working": 2}  # one caller is still waiting
+        tickets[1].cancelled = True
+        out = batch.result(timeout=30)
+    assert all(g.stopped and "generation stopped after" in g.error for g in out)
+    assert generator.load()["working"] == 0
+
+
+def test_every_request_is_counted_by_route_and_status(client, monkeypatch):
+    counted: list[dict[str, str]] = []
+    monkeypatch.setattr(app_module.REQUESTS, "inc", lambda value=1.0, tags=None: counted.append(tags))
+    client.post("/v1/answer", json={"question": "fastest bird"})
+    client.post("/v1/answer", json={"question": ""})
+    client.get("/nowhere/42")
+    assert counted == [
+        {"route": "/v1/answer", "status": "200"},
+        {"route": "/v1/answer", "status": "422"},
+        {"route": "other", "status": "404"},
+    ]

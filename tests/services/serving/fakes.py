@@ -1,0 +1,152 @@
+"""Stand-ins for the Ingress's deployments: a fake retriever and engines behind the real batch logic."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+
+from cluster.shard_group import ShardUnavailableError
+from services.rag.decoding import GenerationStopped, StopCheck
+from services.rag.retrieval import Retrieved
+from services.serving.app import Ingress, build_api
+from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig, LimitsConfig
+from services.serving.engine import GenerateRequest
+
+TOKEN = "test-admin-token"
+PASSAGES = [
+    (10, "France", "Paris is the capital of France."),
+    (11, "Peru", "Lima is the capital of Peru."),
+    (12, "Norway", "Oslo is the capital of Norway and its largest city."),
+    (13, "Egypt", "Cairo lies on the Nile, the capital of Egypt."),
+    (14, "Falcons", "The peregrine falcon is the fastest bird."),
+]
+
+
+class FakeRetriever:
+    """Scores a passage by the question words in it; ties go to the lower id."""
+
+    def __init__(self) -> None:
+        self.version, self.down = "v0001", False
+
+    def retrieve(self, question: str, k: int) -> Retrieved:
+        if self.down:
+            raise ShardUnavailableError("no live replica for shards [0, 1]")
+        words = set(question.lower().split())
+        scored = sorted(
+            (
+                (sum(w.strip(".,") in words for w in text.lower().split()), pid, title, text)
+                for pid, title, text in PASSAGES
+            ),
+            key=lambda s: (-s[0], s[1]),
+        )[:k]
+        scores = np.array([[s[0] for s in scored]], dtype=np.float32)  # (1, k)
+        return Retrieved(
+            ids=np.array([[s[1] for s in scored]]),
+            titles=[[s[2] for s in scored]],
+            texts=[[s[3] for s in scored]],
+            scores=scores,
+            doc_scores=2 * scores,
+            vectors=None,
+            version=self.version,
+            coverage=1.0,
+            retrieve_ms=1.5,
+        )
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": not self.down, "index_version": self.version}
+
+    def index_info(self) -> dict[str, Any]:
+        return {"version": self.version, "versions": ["v0001", "v0002"]}
+
+    def swap(self, version: str) -> str:
+        self.version = version
+        return version
+
+
+class FakeEngine:
+    """Answers with the first word of the best-scored passage; refuses questions about 'nothing'."""
+
+    def __init__(self, generator: str) -> None:
+        self.batches: list[list[str]] = []
+
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
+        self.batches.append([r.question for r in requests])
+        if any("nothing" in r.question for r in requests):
+            raise ValueError("the prompt is longer than the generator's context")
+        return [r.texts[int(np.argmax(r.doc_scores))].split()[0] for r in requests]
+
+
+class BrokenEngine(FakeEngine):
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+class InProcessGenerator:
+    """The Generator deployment's batch logic, one request per batch (`@serve.batch` needs Serve)."""
+
+    def __init__(self, engine: type[FakeEngine]) -> None:
+        self.deployment = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=engine)
+
+    def generate(self, request: GenerateRequest):
+        return self.deployment.generate_batch([request])[0]
+
+
+class LocalHandle:
+    """DeploymentHandle stand-in: `handle.method.remote(*args)` awaits `target.method(*args)`."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def options(self, **_: Any) -> LocalHandle:
+        return self
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(remote=lambda *args: _call(getattr(self.target, name), *args))
+
+    def broadcast(self, name: str, *args: Any) -> SimpleNamespace:
+        async def results() -> list[Any]:
+            return [await _call(getattr(self.target, name), *args)]
+
+        return SimpleNamespace(results_async=results)
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    result = method(*args)
+    return await result if inspect.isawaitable(result) else result
+
+
+def fake_backend() -> SimpleNamespace:
+    """A fake retriever and the Generator's batch logic over FakeEngine."""
+    return SimpleNamespace(retriever=FakeRetriever(), generator=InProcessGenerator(FakeEngine))
+
+
+def api_over(
+    backend: SimpleNamespace, token: str | None = TOKEN, limits: LimitsConfig | None = None
+) -> FastAPI:
+    """The real FastAPI app over `backend`'s stand-ins."""
+    config = IngressConfig(admin_token=token, limits=limits or LimitsConfig())
+    ingress = Ingress(LocalHandle(backend.retriever), LocalHandle(backend.generator), config)
+    return build_api(ingress)
+
+
+class SlowEngine:
+    """Takes one 5 ms step per 4 units of work (n_docs × num_beams × max_new_tokens, summed over
+    the batch), asking `stop` before each; answers with the best-scored passage's first word."""
+
+    STEP_S = 0.005
+
+    def __init__(self, generator: str) -> None:
+        self.pause = threading.Event()  # never set: a step is a bounded wait
+
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
+        work = sum(len(r.titles) * r.num_beams * r.max_new_tokens for r in requests)
+        for step in range(work // 4):
+            if stop():
+                raise GenerationStopped(f"generation stopped after {step} of {work // 4} steps")
+            self.pause.wait(self.STEP_S)
+        return [r.texts[int(np.argmax(r.doc_scores))].split()[0] for r in requests]
