@@ -15,6 +15,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.serving.conversation import Turn, conversation
+
 # Documented limits (also shown in the OpenAPI schema at /docs).
 MAX_BODY_BYTES = 64 * 1024
 MAX_QUESTION_CHARS = 2000
@@ -22,7 +24,7 @@ MAX_N_DOCS = 50
 MAX_NUM_BEAMS = 8
 MAX_NEW_TOKENS = 256
 MAX_BATCH_QUESTIONS = 32
-MAX_MESSAGES = 64
+MAX_MESSAGES = 1024  # older turns beyond the generator's budget are left out
 
 
 class ErrorDetail(BaseModel):
@@ -139,7 +141,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(DecodingOptions):
-    """OpenAI chat completion request; the last user message is the question.
+    """OpenAI chat completion request: the last user message is the question, and the turns before
+    it count as services/serving/conversation.py says (system messages are ignored).
 
     OpenAI's sampling fields (temperature, top_p, ...) are accepted and ignored: answers come
     from RAG beam search. `max_tokens` / `max_completion_tokens` set `max_new_tokens`.
@@ -156,11 +159,13 @@ class ChatRequest(DecodingOptions):
     @field_validator("messages")
     @classmethod
     def _asks_a_question(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        _question(_last_user_text(messages))
+        _question(_turns(messages)[-1].text)
         return messages
 
-    def question(self) -> str:
-        return _question(_last_user_text(self.messages))
+    def turns(self) -> list[Turn]:
+        """The conversation's user and assistant turns, ending with the question."""
+        *earlier, question = _turns(self.messages)
+        return [*earlier, Turn("user", _question(question.text))]
 
     def options(self) -> DecodingOptions:
         limit = self.max_completion_tokens or self.max_tokens or self.max_new_tokens
@@ -173,11 +178,8 @@ class ChatRequest(DecodingOptions):
         )
 
 
-def _last_user_text(messages: list[ChatMessage]) -> str:
-    users = [m for m in messages if m.role == "user"]
-    if not users:
-        raise ValueError("no message with role 'user'")
-    return users[-1].text()
+def _turns(messages: list[ChatMessage]) -> list[Turn]:
+    return conversation([(m.role, m.text()) for m in messages])
 
 
 class Doc(BaseModel):

@@ -36,6 +36,7 @@ from services.serving.api import (
     responses,
     sse,
 )
+from services.serving.conversation import generator_question, retrieval_query
 from services.serving.deployments import (
     AppConfig,
     GeneratorDeployment,
@@ -115,11 +116,14 @@ class Ingress:
                 f"{self.limits.max_request_work} (args.limits.max_request_work); ask for less",
             )
 
-    async def answer(self, question: str, options: DecodingOptions, route: str) -> AnswerResponse:
-        """Retrieve, then generate, within the work limit and the deadline (504 past it)."""
+    async def answer(
+        self, question: str, options: DecodingOptions, route: str, query: str | None = None
+    ) -> AnswerResponse:
+        """Retrieve for `query` (default: the question), then generate, within the work limit and
+        the deadline (504 past it)."""
         self.check_work(options)
         timeout = self.limits.request_timeout_s
-        answering = self._answer(question, options, route, deadline=time.time() + timeout)
+        answering = self._answer(question, query or question, options, route, deadline=time.time() + timeout)
         try:
             return await asyncio.wait_for(answering, timeout)
         except asyncio.TimeoutError as error:
@@ -127,12 +131,12 @@ class Ingress:
             raise ApiError(504, message) from error
 
     async def _answer(
-        self, question: str, options: DecodingOptions, route: str, deadline: float
+        self, question: str, query: str, options: DecodingOptions, route: str, deadline: float
     ) -> AnswerResponse:
         """Timings are the replicas' in-process times and the total."""
         start = time.perf_counter()
         with _stage(route, "retrieve"):
-            found = await self.retrieve(question, options.n_docs)
+            found = await self.retrieve(query, options.n_docs)
         request = GenerateRequest(
             question=question,
             titles=found.titles[0],
@@ -233,8 +237,11 @@ CHAT_OK = {
 
 @router.post("/v1/chat/completions", responses={**CHAT_OK, **responses(*BODY_ERRORS, 503, 504)})
 async def post_chat(body: ChatRequest, ingress: Backend) -> Any:
-    """OpenAI-compatible chat completion: the last user message is the question."""
-    answer = await ingress.answer(body.question(), body.options(), "/v1/chat/completions")
+    """OpenAI-compatible chat completion: the last user message is the question; earlier turns
+    guide retrieval and reach the generator (services/serving/conversation.py)."""
+    turns = body.turns()
+    question, query = generator_question(turns), retrieval_query(turns)
+    answer = await ingress.answer(question, body.options(), "/v1/chat/completions", query)
     if not body.stream:
         return chat_completion(body, answer)
     return StreamingResponse(iter(sse(chat_chunks(body, answer))), media_type="text/event-stream")

@@ -19,6 +19,7 @@ from services.serving.api import (
     cited,
     sse,
 )
+from services.serving.conversation import Turn
 from services.serving.deployments import AppArgs, AppConfig
 from services.serving.serve_file import read_serve_file
 
@@ -44,14 +45,16 @@ def test_chat_takes_the_last_user_message_and_openai_fields():
                 "max_tokens": 7,
                 "n_docs": 3,
                 "messages": [
+                    {"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "first"},
-                    {"role": "assistant", "content": "x"},
-                    {"role": "user", "content": [{"type": "text", "text": "last"}]},
+                    {"role": "assistant", "content": "x [2]"},
+                    {"role": "user", "content": [{"type": "text", "text": " last "}]},
+                    {"role": "assistant", "content": "a trailing answer is not a turn"},
                 ],
             }
         )
     )
-    assert request.question() == "last"
+    assert request.turns() == [Turn("user", "first"), Turn("assistant", "x"), Turn("user", "last")]
     assert (request.options().max_new_tokens, request.options().n_docs) == (7, 3)
     with pytest.raises(ValidationError, match="no message with role 'user'"):
         ChatRequest.model_validate({"messages": [{"role": "system", "content": "q"}]})
