@@ -66,9 +66,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from cluster.index_store import load_manifest, resolve_version
     from cluster.shard_group import ShardGroup, ShardGroupConfig
     from training.config import ModelsConfig
-    from training.data import load_qa
-    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, write_plots
+    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, with_labels, write_plots
     from training.modules import build_train_module, load_trained
+    from training.tasks import get_task
 
     cfg = EvalConfig.parse(
         {
@@ -78,9 +78,12 @@ def run_eval(args: argparse.Namespace) -> int:
             "num_beams": args.num_beams,
             "max_new_tokens": args.max_new_tokens,
             "decoding": args.decoding,
+            "task": args.task,
         }
     )
-    examples = load_qa(args.qa)[: args.limit]
+    data = get_task(cfg.task).load(args.data)
+    cfg = with_labels(cfg, data)  # classify: the label words of the whole file, before --limit
+    examples = data[: args.limit]
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
@@ -122,9 +125,24 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("eval", help="EM / F1 / recall@k: closed-book, RAG-Token, RAG-Sequence")
+    from training.config import TASKS
+
+    parser = subcommands.add_parser(
+        "eval", help="a task's metrics (QA: EM / F1 / recall@k) for closed-book, RAG-Token, RAG-Sequence"
+    )
     parser.add_argument(
-        "--qa", required=True, help="SQuAD-format .json, JSONL {question, answers}, or squad-dev"
+        "--task",
+        choices=TASKS,
+        default="qa",
+        help="qa: EM/F1; qgen: answer -> question, BLEU-1/ROUGE-L; classify: claim -> label, accuracy",
+    )
+    parser.add_argument(
+        "--data",
+        "--qa",
+        dest="data",
+        required=True,
+        help="qa and qgen: SQuAD-format .json, JSONL {question, answers}, or squad-dev (SQuAD-format data "
+        "may end in :train or :test, an article split); classify: JSONL {claim, label}",
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--index-root", help="INDEX_ROOT to search (its published version)")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cluster.config import Config
+from training.data import BUILTIN_QA, split_spec
 
-BUILTIN_QA = "squad-dev"  # load_qa's name for SQuAD v1.1 dev
 Mode = Literal["sequence", "token"]
+TaskName = Literal["qa", "qgen", "classify"]  # training/tasks.py defines each
+TASKS: tuple[TaskName, ...] = get_args(TaskName)
 
 
 class Section(Config):
@@ -22,14 +24,15 @@ class Section(Config):
 
 
 class DataConfig(Section):
-    train: str  # JSONL {question, answers}, SQuAD json, or "squad-dev"
+    train: str  # the task's data: JSONL, SQuAD json or "squad-dev" (either with ":train" / ":test")
     eval: str | None = None
 
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
-        if value not in (None, BUILTIN_QA) and not Path(value).is_file():
-            raise ValueError(f"no such file {value!r}")
+        source = None if value is None else split_spec(value)[0]
+        if source not in (None, BUILTIN_QA) and not Path(source).is_file():
+            raise ValueError(f"no such file {source!r}")
         return value
 
 
@@ -102,6 +105,7 @@ class TrainConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     n_docs: int = Field(5, ge=1)
     mode: Mode = "sequence"  # RAG-Sequence or RAG-Token loss
+    task: TaskName = "qa"  # the data's input -> target format (training/tasks.py)
     refresh: str = ""  # "0-1000:100,1000-:500"; empty: never
     train_doc_encoder: bool = False
     max_failures: int = Field(0, ge=-1)
@@ -166,6 +170,14 @@ def load_config(path: str | Path) -> TrainConfig:
     raw = yaml.safe_load(path.read_text())
     if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
         for key in ("train", "eval"):
-            if isinstance(raw["data"].get(key), str) and raw["data"][key] != BUILTIN_QA:
-                raw["data"][key] = str((path.parent / raw["data"][key]).resolve())
+            if isinstance(raw["data"].get(key), str):
+                raw["data"][key] = _resolve(raw["data"][key], path.parent)
     return config_from_dict(raw)
+
+
+def _resolve(spec: str, folder: Path) -> str:
+    """A data spec with its file resolved from `folder` (the split suffix kept)."""
+    source, split = split_spec(spec)
+    if source == BUILTIN_QA:
+        return spec
+    return str((folder / source).resolve()) + (f":{split}" if split else "")

@@ -1,17 +1,25 @@
-"""QA training and evaluation data: SQuAD-format .json or JSONL question/answer pairs."""
+"""Task data: QA pairs from SQuAD-format .json or JSONL, article splits, and labelled claims (JSONL)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from cluster.passages import jsonl_rows, squad_articles, squad_dev_path
+
+BUILTIN_QA = "squad-dev"  # SQuAD v1.1 dev
+Split = Literal["train", "test"]
+SPLITS: tuple[Split, ...] = get_args(Split)
+TEST_EVERY = 5  # about one SQuAD article in five is in the test split
 
 
 @dataclass(frozen=True)
 class QAExample:
-    """A question with every accepted answer (at least one)."""
+    """An input with every accepted target (at least one): a question and its answers for QA, an answer
+    and its question for question generation, a claim and its label for classification."""
 
     question: str
     answers: tuple[str, ...]
@@ -23,18 +31,38 @@ class QAExample:
             raise ValueError(f"question {self.question!r} has no answers: {self.answers!r}")
 
 
+def split_spec(spec: str) -> tuple[str, Split | None]:
+    """A data spec's source and article split: "squad-dev:test" -> ("squad-dev", "test")."""
+    for split in SPLITS:
+        if spec.endswith(f":{split}"):
+            return spec[: -len(split) - 1], split
+    return spec, None
+
+
+def article_split(title: str) -> Split:
+    """The split of a SQuAD article, fixed by its title (a hash, so independent of file order)."""
+    digest = int(hashlib.sha256(title.encode("utf-8")).hexdigest()[:8], 16)
+    return "test" if digest % TEST_EVERY == 0 else "train"
+
+
 def _unique(texts: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(t.strip() for t in texts if t.strip()))
 
 
-def _squad_qa(path: Path) -> Iterator[QAExample]:
+def squad_qa_by_article(path: Path, split: Split | None = None) -> Iterator[tuple[str, list[QAExample]]]:
+    """(title, its questions) of each article of a SQuAD-format file, those of `split` when given."""
     for article in squad_articles(path):
+        title = article.get("title", "")
+        if split is not None and article_split(title) != split:
+            continue
+        examples = []
         for paragraph in article.get("paragraphs", []):
             for qa in paragraph.get("qas", []):
                 answers = _unique(a.get("text", "") for a in qa.get("answers", []))
                 if not answers:
                     raise ValueError(f"{str(path)!r}: question {qa.get('id')!r} has no answers")
-                yield QAExample(question=qa["question"], answers=answers)
+                examples.append(QAExample(question=qa["question"], answers=answers))
+        yield title, examples
 
 
 def _jsonl_qa(path: Path) -> Iterator[QAExample]:
@@ -49,12 +77,45 @@ def _jsonl_qa(path: Path) -> Iterator[QAExample]:
         yield QAExample(question=question, answers=_unique(str(a) for a in answers))
 
 
-def load_qa(path: str) -> list[QAExample]:
-    """Question/answer pairs from SQuAD-format .json, JSONL {"question","answers"}, or "squad-dev"."""
-    file = squad_dev_path() if path == "squad-dev" else Path(path)
+def _qa_source(path: str) -> tuple[Path, Split | None]:
+    """The file and article split of a QA data spec ("squad-dev" or a path, then ":train" / ":test" for
+    SQuAD-format data)."""
+    source, split = split_spec(path)
+    file = squad_dev_path() if source == BUILTIN_QA else Path(source)
     if not file.is_file() or file.suffix not in (".json", ".jsonl"):
         raise ValueError(f"unknown QA data {path!r}: expected 'squad-dev', a .json or .jsonl file")
-    examples = list(_squad_qa(file) if file.suffix == ".json" else _jsonl_qa(file))
+    if split is not None and file.suffix != ".json":
+        raise ValueError(f"QA data {path!r}: an article split (':{split}') needs SQuAD-format .json data")
+    return file, split
+
+
+def load_qa(path: str) -> list[QAExample]:
+    """Question/answer pairs from SQuAD-format .json, JSONL {"question","answers"}, or "squad-dev";
+    SQuAD-format data may name an article split: "squad-dev:train", "squad-dev:test" (`article_split`)."""
+    file, split = _qa_source(path)
+    if file.suffix == ".json":
+        examples = [e for _, article in squad_qa_by_article(file, split) for e in article]
+    else:
+        examples = list(_jsonl_qa(file))
     if not examples:
         raise ValueError(f"QA data {path!r} is empty")
+    return examples
+
+
+def load_claims(path: str) -> list[QAExample]:
+    """Labelled claims from JSONL {"claim": "...", "label": "..."}: the claim is the input, the label
+    word the target."""
+    file = Path(path)
+    if not file.is_file() or file.suffix != ".jsonl":
+        raise ValueError(f"unknown claims data {path!r}: expected a .jsonl file of {{claim, label}}")
+    examples = []
+    for number, row in jsonl_rows(file):
+        claim, label = row.get("claim"), row.get("label")
+        if not isinstance(claim, str) or not claim.strip():
+            raise ValueError(f"{path!r} line {number} has no claim: {claim!r}")
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"{path!r} line {number} has no label: {label!r}")
+        examples.append(QAExample(question=claim, answers=(label.strip(),)))
+    if not examples:
+        raise ValueError(f"claims data {path!r} is empty")
     return examples

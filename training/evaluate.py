@@ -1,4 +1,5 @@
-"""Evaluation: EM / F1 / recall@k for closed-book, RAG-Token and RAG-Sequence; JSON report and plots."""
+"""Evaluation of a task (QA: EM / F1 / recall@k; qgen: BLEU-1 / ROUGE-L; classify: accuracy) for
+closed-book, RAG-Token and RAG-Sequence; JSON report and plots."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from services.rag import retrieval
 from services.rag.model import Decoding, RagModel
 from services.rag.retrieval import Retrieved
 from training.data import QAExample
-from training.metrics import recall_at_k, score_predictions
+from training.metrics import recall_at_k
+from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
 
 Setting = Literal["closed_book", "rag_token", "rag_sequence"]
 SETTINGS: tuple[Setting, ...] = get_args(Setting)
@@ -25,7 +27,7 @@ RECALL_K = 5
 
 
 class EvalConfig(Config):
-    """What `rayrag eval` measures: the settings, the n_docs of each row, and how to decode."""
+    """What `rayrag eval` measures: the task, the settings, the n_docs of each row, and how to decode."""
 
     model_config = ConfigDict(frozen=True)
     n_docs: tuple[PositiveInt, ...] = Field((1, 2, 5), min_length=1)  # docs to the generator; a row each
@@ -34,6 +36,8 @@ class EvalConfig(Config):
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     decoding: Decoding = "fast"  # RAG-Sequence decoding
+    task: TaskName = "qa"
+    labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
 
 
 def retrieve(rag: RagModel, shard_group: Any, questions: Sequence[str], k: int, batch_size: int) -> Retrieved:
@@ -59,7 +63,9 @@ def predict(
     n_docs: int,
     cfg: EvalConfig,
 ) -> list[str]:
-    """Answers for one setting; closed-book gives the generator one empty passage."""
+    """Predictions for one setting (answers, questions or label words, as the task says); closed-book
+    gives the generator one empty passage."""
+    generates = get_task(cfg.task).generates
     out: list[str] = []
     for start in range(0, len(questions), cfg.batch_size):
         chunk = list(questions[start : start + cfg.batch_size])
@@ -72,6 +78,9 @@ def predict(
             texts = [t[:n_docs] for t in retrieved.texts[rows]]
             scores = retrieved.doc_scores[rows, :n_docs]  # (b, n_docs)
         mode = "token" if setting == "rag_token" else "sequence"
+        if not generates:
+            out += choose_labels(rag.generator, chunk, titles, texts, scores, cfg.labels, mode)
+            continue
         out += rag.generate(
             chunk,
             titles,
@@ -85,53 +94,81 @@ def predict(
     return out
 
 
+def with_labels(cfg: EvalConfig, examples: Sequence[QAExample]) -> EvalConfig:
+    """For label generation, `cfg` with its label words (those of the data when it names none), each
+    example's label among them."""
+    if get_task(cfg.task).generates:
+        return cfg
+    labels = cfg.labels or task_labels(examples)
+    unknown = sorted({e.answers[0] for e in examples} - set(labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the label words {list(labels)}")
+    return cfg.model_copy(update={"labels": tuple(labels)})
+
+
+def _rows(
+    rag: RagModel,
+    task: Task,
+    examples: Sequence[QAExample],
+    retrieved: Retrieved,
+    setting: str,
+    cfg: EvalConfig,
+) -> dict[str, dict]:
+    """The task's metrics for each n_docs of a setting, with the first few predictions."""
+    questions = [e.question for e in examples]
+    targets = [list(e.answers) for e in examples]
+    source, gold = task.fields
+    rows = {}
+    for n_docs in (1,) if setting == "closed_book" else cfg.n_docs:
+        predictions = predict(rag, questions, retrieved, setting, n_docs, cfg)
+        rows[str(n_docs)] = task.score(predictions, targets) | {
+            "examples": [
+                {source: q, "prediction": p, gold: a}
+                for q, p, a in list(zip(questions, predictions, targets))[:5]
+            ]
+        }
+    return rows
+
+
 def evaluate(
     rag: RagModel, shard_group: Any, examples: Sequence[QAExample], cfg: EvalConfig, index_size: int
 ) -> dict:
-    """The report: per setting EM/F1 (and recall@k), per n_docs rows for the RAG settings."""
+    """The report: per setting the task's metrics (and recall@k for QA), per n_docs rows for the RAG
+    settings."""
+    task, cfg = get_task(cfg.task), with_labels(cfg, examples)
     questions = [e.question for e in examples]
-    answers = [list(e.answers) for e in examples]
     widest = max(max(cfg.n_docs), RECALL_K)
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")
     retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size)
+    report: dict = {"questions": len(examples), "index_versions": [retrieved.version]}
+    recall = _recall(retrieved, examples, cfg.n_docs) if task.recall else {}
+    if task.recall:
+        report["recall"] = {str(k): v for k, v in recall.items()}
+    report |= {"config": cfg.model_dump(), "settings": {}}
+    for setting in cfg.settings:
+        rows = _rows(rag, task, examples, retrieved, setting, cfg)
+        row = {k: v for k, v in rows[str(max(int(k) for k in rows))].items() if k != "examples"}
+        if task.recall:
+            row["recall_at_5"] = None if setting == "closed_book" else recall[RECALL_K]
+        report["settings"][setting] = row | {"by_n_docs": rows}
+    return report
+
+
+def _recall(retrieved: Retrieved, examples: Sequence[QAExample], n_docs: Sequence[int]) -> dict[int, float]:
+    """recall@k for every k of n_docs and RECALL_K: a gold answer found in the first k passages."""
     passages = [
         [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
         for ts, xs in zip(retrieved.titles, retrieved.texts)
     ]
-    recall = {k: recall_at_k(passages, answers, k) for k in sorted(set(cfg.n_docs) | {RECALL_K})}
-    report: dict = {
-        "questions": len(examples),
-        "index_versions": [retrieved.version],
-        "recall": {str(k): v for k, v in recall.items()},
-        "config": cfg.model_dump(),
-        "settings": {},
-    }
-    for setting in cfg.settings:
-        rows = {}
-        for n_docs in (1,) if setting == "closed_book" else cfg.n_docs:
-            predictions = predict(rag, questions, retrieved, setting, n_docs, cfg)
-            rows[str(n_docs)] = score_predictions(predictions, answers) | {
-                "examples": [
-                    {"question": q, "prediction": p, "answers": a}
-                    for q, p, a in list(zip(questions, predictions, answers))[:5]
-                ]
-            }
-        best = rows[str(max(int(k) for k in rows))]
-        report["settings"][setting] = {
-            "em": best["em"],
-            "f1": best["f1"],
-            "recall_at_5": None if setting == "closed_book" else recall[RECALL_K],
-            "by_n_docs": rows,
-        }
-    return report
+    answers = [list(e.answers) for e in examples]
+    return {k: recall_at_k(passages, answers, k) for k in sorted(set(n_docs) | {RECALL_K})}
 
 
 def summary_line(report: dict) -> dict:
-    """The one-line result: em, f1, recall_at_5 for each evaluated setting."""
-    return {
-        name: {k: row[k] for k in ("em", "f1", "recall_at_5")} for name, row in report["settings"].items()
-    }
+    """The one-line result: the task's metrics (QA: em, f1, recall_at_5) for each evaluated setting."""
+    keys = get_task(report["config"]["task"]).summary
+    return {name: {k: row[k] for k in keys} for name, row in report["settings"].items()}
 
 
 def read_history(path: str | Path) -> tuple[list[int], list[float]]:
@@ -145,26 +182,29 @@ def read_history(path: str | Path) -> tuple[list[int], list[float]]:
 
 
 def write_plots(report: dict, out_dir: str | Path, history: str | Path | None = None) -> list[str]:
-    """PNG plots with matplotlib's Agg backend: EM against n_docs, and the loss curve when given."""
+    """PNG plots with matplotlib's Agg backend: the task's first metric (QA: EM) against n_docs, and the
+    loss curve when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    task = get_task(report["config"]["task"])
+    metric, (axis, short) = task.summary[0], task.axis
     out_dir, written = Path(out_dir), []
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for name, row in report["settings"].items():
         ks = sorted(int(k) for k in row["by_n_docs"])
-        ems = [row["by_n_docs"][str(k)]["em"] for k in ks]
+        values = [row["by_n_docs"][str(k)][metric] for k in ks]
         if name == "closed_book":
-            axes.axhline(ems[0], linestyle="--", color="gray", label="closed-book")
+            axes.axhline(values[0], linestyle="--", color="gray", label="closed-book")
         else:
-            axes.plot(ks, ems, marker="o", label=name.replace("_", "-"))
-    axes.set(xlabel="n_docs", ylabel="exact match", title="EM vs retrieved documents")
+            axes.plot(ks, values, marker="o", label=name.replace("_", "-"))
+    axes.set(xlabel="n_docs", ylabel=axis, title=f"{short} vs retrieved documents")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(out_dir / "em_vs_n_docs.png", dpi=100)
-    written.append(str(out_dir / "em_vs_n_docs.png"))
+    figure.savefig(out_dir / f"{metric}_vs_n_docs.png", dpi=100)
+    written.append(str(out_dir / f"{metric}_vs_n_docs.png"))
     plt.close(figure)
     if history is not None:
         steps, losses = read_history(history)

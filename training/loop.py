@@ -20,8 +20,9 @@ import torch.distributed as dist
 from services.rag.retrieval import Search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
 from training.config import RefreshSchedule, TrainConfig
-from training.data import QAExample, load_qa
+from training.data import QAExample
 from training.modules import RagTrainModule, build_train_module
+from training.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state is not None:
         with ray.train.get_checkpoint().as_directory() as directory:
             load_optimizer_state(directory, optimizer)
-    examples = load_qa(cfg.data.train)
+    examples = get_task(cfg.task).load(cfg.data.train)
     _run_steps(model, optimizer, cfg, examples, loop_config, rank, world, state, checkpoint_path)
 
 

@@ -1,4 +1,5 @@
-"""Answer metrics: SQuAD answer normalisation, exact match, token F1, retrieval recall@k."""
+"""Task metrics: SQuAD answer normalisation, exact match, token F1, retrieval recall@k (QA); BLEU-1 and
+ROUGE-L (question generation); accuracy (label generation)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import collections
 import re
 import string
 from collections.abc import Sequence
+
+from rouge_score.rouge_scorer import RougeScorer
+from sacrebleu.metrics import BLEU
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -54,12 +58,37 @@ def recall_at_k(retrieved: Sequence[Sequence[str]], answers: Sequence[Sequence[s
     return hits / len(retrieved)
 
 
-def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean EM and F1 over a set of predictions."""
+def _check_lengths(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> None:
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
+
+
+def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean EM and F1 over a set of predictions."""
+    _check_lengths(predictions, answers)
     n = max(len(predictions), 1)
     return {
         "em": sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
         "f1": sum(f1_score(p, a) for p, a in zip(predictions, answers)) / n,
     }
+
+
+def score_generations(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU-1 (sacrebleu: 13a tokens, case kept, brevity penalty) and the mean over predictions of
+    the best ROUGE-L F-measure against any reference (rouge-score, no stemming), both in [0, 1]."""
+    _check_lengths(predictions, references)
+    if not predictions:
+        return {"bleu1": 0.0, "rougeL": 0.0}
+    width = max(len(r) for r in references)
+    streams = [[r[i] if i < len(r) else None for r in references] for i in range(width)]
+    bleu = BLEU(max_ngram_order=1).corpus_score(list(predictions), streams).score / 100
+    scorer = RougeScorer(["rougeL"])
+    rouge = [scorer.score_multi(list(r), p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"bleu1": bleu, "rougeL": sum(rouge) / len(rouge)}
+
+
+def score_labels(predictions: Sequence[str], labels: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Accuracy: the fraction of predicted labels equal to the gold label."""
+    _check_lengths(predictions, labels)
+    correct = sum(p in gold for p, gold in zip(predictions, labels))
+    return {"accuracy": correct / max(len(predictions), 1)}

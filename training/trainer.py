@@ -16,9 +16,9 @@ from cluster.passages import load_corpus
 from cluster.shard_group import ShardGroup, ShardGroupConfig
 from training.checkpoint import STATE, read_state
 from training.config import TrainConfig
-from training.data import load_qa
 from training.loop import train_loop_per_worker
 from training.refresh import IndexRefresher, RefreshConfig
+from training.tasks import get_task
 
 SHARD_GROUP_CONCURRENCY = 16  # searches from every worker + a swap + health checks
 
@@ -111,7 +111,7 @@ def make_trainer(
 
 def run_training(cfg: TrainConfig, resources_per_worker: dict | None = None) -> TrainOutcome:
     """Fit under Ray (already initialised); wait for a refresh in flight before returning."""
-    load_qa(cfg.data.train)  # every record checked (question, answers) before a worker starts
+    get_task(cfg.task).load(cfg.data.train)  # every record checked before a worker starts
     check_resumable(cfg)
     version = prepare_index(cfg)
     shard_group, refresher = launch_retrieval(cfg, version)

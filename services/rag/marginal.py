@@ -140,3 +140,29 @@ def rag_token_nll(
     smooth_loss = -(marginal.sum(-1) * kept).sum(-1)  # (B,)
     vocab_size = marginal.shape[-1]
     return (1.0 - epsilon) * nll + (epsilon / vocab_size) * smooth_loss
+
+
+def candidate_log_likelihoods(
+    log_probs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    *,
+    token: bool = False,
+) -> torch.Tensor:
+    """log p(y_c|x) of C fixed candidates for each example (B, C): the RAG-Sequence marginal
+    log Σ_z p(z|x) Π_t p(y_t|x,z,y_<t), or with `token` the RAG-Token one Σ_t log Σ_z p(z|x) p(y_t|...).
+
+    log_probs: (B, C, K, T) the generator's log-probs of candidate c's tokens under document k;
+    candidates (C, T) their ids and candidate_mask (C, T) their real (non-pad) positions; doc_scores (B, K).
+    """
+    b, c, k, t = log_probs.shape
+    nll_fn = rag_token_nll if token else rag_sequence_nll
+    nll = nll_fn(
+        log_probs.reshape(b * c, k, t),  # (B*C, K, T)
+        doc_scores.repeat_interleave(c, dim=0),  # (B*C, K)
+        candidates.repeat(b, 1),  # (B*C, T)
+        pad_id=-1,  # unused: the mask marks the scored positions
+        target_mask=candidate_mask.repeat(b, 1),  # (B*C, T)
+    )  # (B*C,)
+    return -nll.view(b, c)  # (B, C)

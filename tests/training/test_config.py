@@ -35,6 +35,15 @@ def test_loads_typed_values_and_resolves_data_paths(tmp_path, raw):
     assert cfg.scaling.elastic and cfg.scaling.worker_range == (1, 2)
     assert cfg.data.train == str(tmp_path / "train.jsonl")
     assert cfg.mode == "sequence" and cfg.n_docs == 5 and not cfg.train_doc_encoder
+    assert cfg.task == "qa"
+
+
+def test_task_and_article_split_of_the_data(tmp_path, raw):
+    (tmp_path / "squad.json").write_text('{"data": []}')
+    cfg = load_config(write(tmp_path, raw | {"task": "qgen", "data": {"train": "squad.json:train"}}))
+    assert cfg.task == "qgen" and cfg.data.train == f"{tmp_path / 'squad.json'}:train"
+    cfg = load_config(write(tmp_path, raw | {"data": {"train": "squad-dev:test", "eval": "squad-dev"}}))
+    assert (cfg.data.train, cfg.data.eval) == ("squad-dev:test", "squad-dev")
 
 
 def _leaves(raw: dict, prefix: tuple[str, ...] = ()):
@@ -68,6 +77,8 @@ def test_example_config_loads_every_value_it_writes():
         (("schedule", "steps"), "ten", "config key 'schedule.steps' has a bad value 'ten'"),
         (("schedule", "batch_size"), 0, "'schedule.batch_size' must be >= 1"),
         (("mode",), "beam", "config key 'mode' must be 'sequence' or 'token', got 'beam'"),
+        (("task",), "jeopardy", "config key 'task' must be 'qa', 'qgen' or 'classify', got 'jeopardy'"),
+        (("data", "train"), "nope.json:test", "config key 'data.train': no such file '.*/nope.json'"),
         (("n_docs",), 0, "config key 'n_docs' must be >= 1"),
         (("refresh",), "0-10", "config key 'refresh': bad range '0-10'"),
         (("scaling", "num_workers"), [2, 1], "config key 'scaling.num_workers'"),

@@ -1,10 +1,20 @@
-"""EM / F1 with SQuAD normalisation and recall@k, against hand-worked cases."""
+"""EM / F1 with SQuAD normalisation, recall@k, BLEU-1 / ROUGE-L and accuracy, against hand-worked cases."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from training.metrics import exact_match, f1_score, normalize_answer, recall_at_k, score_predictions
+from training.metrics import (
+    exact_match,
+    f1_score,
+    normalize_answer,
+    recall_at_k,
+    score_generations,
+    score_labels,
+    score_predictions,
+)
 
 
 def test_normalisation_matches_squad():
@@ -28,3 +38,25 @@ def test_recall_at_k_counts_whole_words():
     assert recall_at_k(retrieved, [["Berlin"], ["dog"]], k=2) == 1.0
     with pytest.raises(ValueError, match="2 retrieval lists for 1 questions"):
         recall_at_k(retrieved, [["x"]], k=1)
+
+
+def test_bleu1_and_rouge_l():
+    # 3 of 4 unigrams match, same length (no brevity penalty); LCS "who the cat" = 3 of 4 both ways
+    assert score_generations(["who is the cat"], [["who was the cat"]]) == pytest.approx(
+        {"bleu1": 0.75, "rougeL": 0.75}
+    )
+    # corpus BLEU-1: unigram precision 1, but 2 hypothesis words against 4 reference words: BP = e^(1 - 4/2);
+    # ROUGE-L: LCS 2, precision 1, recall 1/2 -> F 2/3
+    assert score_generations(["what year"], [["what year was it"]]) == pytest.approx(
+        {"bleu1": math.exp(-1), "rougeL": 2 / 3}
+    )
+    # several references: BLEU counts a word matched in any of them and takes the closest length;
+    # ROUGE-L the best reference per prediction, then the mean over predictions
+    two = score_generations(["who is the cat", "what year"], [["who was the cat", "is it"], ["what year"]])
+    assert two == pytest.approx({"bleu1": 1.0, "rougeL": (0.75 + 1.0) / 2})
+    with pytest.raises(ValueError, match="2 predictions for 1 questions"):
+        score_generations(["a", "b"], [["a"]])
+
+
+def test_accuracy():
+    assert score_labels(["true", "false", "true"], [["true"], ["true"], ["true"]]) == {"accuracy": 2 / 3}
