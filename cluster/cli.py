@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from cluster.runtime import init_ray
 
@@ -22,6 +23,8 @@ def run_build(args: argparse.Namespace) -> int:
         index_type=args.index_type,
         batch_size=args.batch_size,
         num_encoders=args.encoders,
+        encoder_threads=args.encoder_threads,
+        encoder_cpus=args.encoder_cpus,
         publish=not args.no_publish,
     )
     print(
@@ -64,6 +67,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _cpus(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text}")
+    return value
+
+
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands; each sets `run(args) -> int`."""
     index = subcommands.add_parser("index", help="build and inspect sharded FAISS index versions")
@@ -76,8 +86,22 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--index-root", required=True, help="INDEX_ROOT (versions go in INDEX_ROOT/v000N)")
     build.add_argument("--encoder", default="default", help="document encoder name or path")
-    build.add_argument("--encoders", type=_positive, default=1, help="encoder actors on Ray")
-    build.add_argument("--batch-size", type=_positive, default=64)
+    build.add_argument(
+        "--encoders", type=_positive, default=None, help="encoder actors on Ray (default: one per free CPU)"
+    )
+    build.add_argument(
+        "--encoder-threads",
+        type=_positive,
+        default=None,
+        help="torch threads per encoder actor (default: Ray's free CPUs / encoders)",
+    )
+    build.add_argument(
+        "--encoder-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs each encoder actor reserves on Ray, fractions allowed (default: its threads)",
+    )
+    build.add_argument("--batch-size", type=_positive, default=16, help="passages per encoder forward pass")
     build.add_argument("--limit", type=_positive, default=None, help="keep the first N passages")
     build.add_argument("--no-publish", action="store_true", help="write the version without publishing it")
     build.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -158,12 +159,18 @@ class TextEncoder(torch.nn.Module):
         (path / POOLING_FILE).write_text(json.dumps({"pooling": self.pooling, "normalize": self.normalize}))
         return str(path)
 
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """(N, d) float32 vectors in eval mode; texts are batched by length to limit padding."""
+    def token_lengths(self, texts: Sequence[str]) -> np.ndarray:
+        """(N,) tokens per text after truncation: the length each text pads a batch to."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(N, d) float32 vectors in eval mode, in the order of `texts`; batches group texts of
+        equal token length, so padding costs almost nothing."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        order = np.argsort(self.token_lengths(texts), kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         device = next(self.model.parameters()).device
         was_training = self.training

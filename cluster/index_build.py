@@ -1,16 +1,17 @@
-"""Building index versions: parallel encoding on Ray, S shards, one FAISS index per shard."""
+"""Building index versions: the corpus encoded on Ray, S shards, one FAISS index per shard."""
 
 from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from cluster.encode_pool import encode_on_ray
 from cluster.index_store import Manifest, ShardManifest, commit_version, sha256_file, staging_dir
 from cluster.index_store import publish as publish_version
 from cluster.passages import Passage, passage_text
@@ -172,71 +173,6 @@ def build_index_from_vectors(
     return version
 
 
-class EncoderWorker:
-    """Holds one document encoder; made a Ray actor by `encode_on_ray`."""
-
-    def __init__(self, encoder: str, encoder_state: dict | None = None) -> None:
-        import torch
-
-        from cluster.encoders import TextEncoder
-
-        torch.set_num_threads(1)
-        self.encoder = TextEncoder.from_pretrained(encoder)
-        if encoder_state is not None:
-            self.encoder.load_state_dict(encoder_state)
-        self.encoder.eval()
-
-    def describe(self) -> tuple[str, int, str]:
-        return self.encoder.name, int(self.encoder.dim), self.encoder.fingerprint()
-
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        return self.encoder.encode(texts, batch_size=batch_size)  # (n, d) float32
-
-
-def encode_on_ray(
-    texts: Sequence[str],
-    encoder: str,
-    *,
-    num_encoders: int = 1,
-    batch_size: int = 64,
-    encoder_state: dict | None = None,
-    show_progress: bool = True,
-    check_dim: Callable[[int], object] | None = None,
-) -> tuple[np.ndarray, tuple[str, int, str]]:
-    """Encode texts with a pool of encoder actors; returns ((N, d) vectors, (name, dim, fingerprint)).
-
-    `check_dim(dim)` runs once the encoder's dim is known, before any text is encoded.
-    """
-    import ray
-    from ray.util import ActorPool
-
-    if num_encoders < 1 or batch_size < 1:
-        raise ValueError(f"num_encoders and batch_size must be ≥ 1, got {num_encoders}, {batch_size}")
-    state = ray.put(encoder_state) if encoder_state is not None else None
-    workers = [ray.remote(num_cpus=1)(EncoderWorker).remote(encoder, state) for _ in range(num_encoders)]
-    try:
-        info = ray.get(workers[0].describe.remote())
-        if check_dim is not None:
-            check_dim(info[1])
-        chunk = batch_size * 4
-        chunks = [list(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
-        pool = ActorPool(workers)
-        results = pool.map(lambda worker, part: worker.encode.remote(part, batch_size), chunks)
-        parts = list(
-            tqdm(
-                results,
-                total=len(chunks),
-                desc=f"encoding ({num_encoders} actors)",
-                unit="chunk",
-                disable=not show_progress,
-            )
-        )
-    finally:
-        for worker in workers:
-            ray.kill(worker)
-    return np.concatenate(parts).astype(np.float32, copy=False), info  # (N, d)
-
-
 def build_index(
     passages: Sequence[Passage],
     index_root: str | Path,
@@ -244,14 +180,19 @@ def build_index(
     encoder: str = "default",
     shards: int = 1,
     index_type: str = "Flat",
-    batch_size: int = 64,
-    num_encoders: int = 1,
+    batch_size: int = 16,
+    num_encoders: int | None = None,
+    encoder_threads: int | None = None,
+    encoder_cpus: float | None = None,
     encoder_state: dict | None = None,
     publish: bool = True,
     search_params: Mapping[str, float] | None = None,
     show_progress: bool = True,
 ) -> str:
-    """Encode passages on Ray, shard them, write and (optionally) publish a version; returns its name."""
+    """Encode passages on Ray, shard them, write and (optionally) publish a version; returns its name.
+
+    The encoder pool (`num_encoders` actors × `encoder_threads`, each reserving `encoder_cpus`)
+    fills the CPUs Ray has free by default: see `cluster.encode_pool.plan_encoders`."""
     if not passages:
         raise ValueError("cannot build an index over an empty corpus")
     for passage in passages:
@@ -263,6 +204,8 @@ def build_index(
         [passage_text(p) for p in passages],
         encoder,
         num_encoders=num_encoders,
+        encoder_threads=encoder_threads,
+        encoder_cpus=encoder_cpus,
         batch_size=batch_size,
         encoder_state=encoder_state,
         show_progress=show_progress,

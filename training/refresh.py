@@ -97,6 +97,7 @@ class IndexRefresher:
                 encoder=self.config.doc_encoder,
                 shards=self.config.shards,
                 num_encoders=self.config.num_encoders,
+                encoder_threads=1,  # one CPU each, beside training
                 encoder_state=encoder_state,
                 publish=False,
                 show_progress=False,

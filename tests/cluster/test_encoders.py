@@ -45,6 +45,31 @@ def test_tiny_encoder_mean_pooling_by_hand(tiny_path: str) -> None:
     np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=1), encoder.encode(TEXTS), atol=1e-5)
 
 
+def test_encode_pads_only_texts_of_equal_token_length_and_keeps_order(
+    tiny_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = TextEncoder.from_pretrained(tiny_path, max_length=12)
+    # each word is one token ([CLS] and [SEP] add two); characters do not order them by tokens
+    words = (7, 1, 30, 3, 7, 20, 2, 9)
+    texts = [" ".join(["a"] * n if n % 2 else ["nevertheless"] * n) for n in words]
+    lengths = [min(n + 2, 12) for n in words]
+    assert encoder.token_lengths(texts).tolist() == lengths
+    masks = []
+    forward = encoder.forward
+
+    def spy(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        masks.append(attention_mask)
+        return forward(input_ids, attention_mask)
+
+    monkeypatch.setattr(encoder, "forward", spy)
+    vectors = encoder.encode(texts, batch_size=3)
+    groups = [sorted(lengths)[i : i + 3] for i in range(0, len(lengths), 3)]
+    assert [m.sum(dim=1).tolist() for m in masks] == groups  # each batch: neighbours in length
+    assert [m.shape[1] for m in masks] == [max(g) for g in groups]  # padded to its longest only
+    one_by_one = np.concatenate([encoder.encode([text], batch_size=1) for text in texts])
+    np.testing.assert_allclose(vectors, one_by_one, atol=1e-5)  # rows in the order of `texts`
+
+
 def test_forward_is_differentiable_and_encode_keeps_train_mode(tiny_path: str) -> None:
     encoder = TextEncoder.from_pretrained(tiny_path).train()
     encoder(**encoder.tokenize(TEXTS)).sum().backward()

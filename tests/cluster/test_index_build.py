@@ -27,7 +27,7 @@ def encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _passages(n: int) -> list[Passage]:
     return [
-        Passage(id=i, title=WORDS[i % 12], text=" ".join(WORDS[(i * 5 + j) % 12] for j in range(8)))
+        Passage(id=i, title=WORDS[i % 12], text=" ".join(WORDS[(i * 5 + j) % 12] for j in range(3 + i % 9)))
         for i in range(n)
     ]
 
@@ -45,7 +45,7 @@ def _stored(root: Path, version: str) -> np.ndarray:
 def test_build_on_ray_matches_local_encoding(ray_session, tmp_path: Path, encoder_path: str) -> None:
     passages = _passages(30)
     version = build_index(
-        passages, tmp_path, encoder=encoder_path, shards=2, num_encoders=2, batch_size=4, show_progress=False
+        passages, tmp_path, encoder=encoder_path, shards=2, num_encoders=2, batch_size=2, show_progress=False
     )
     local = TextEncoder.from_pretrained(encoder_path)
     expected = local.encode([passage_text(p) for p in passages])  # (N, d)
@@ -108,13 +108,20 @@ def test_cli_build_and_list(
         str(root),
         "--encoder",
         encoder_path,
+        "--encoders",
+        "2",
+        "--encoder-cpus",
+        "0.5",
     ]
     assert main(argv) == 0
     assert main(["index", "list", "--index-root", str(root)]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (row["version"], row["published"], row["count"], row["shards"]) == ("v0001", True, 12, 3)
     assert (
-        main(argv[:-4] + ["--index-type", "Nope7", "--index-root", str(root), "--encoder", encoder_path]) == 2
+        main(argv[:-8] + ["--index-type", "Nope7", "--index-root", str(root), "--encoder", encoder_path]) == 2
     )
+    with pytest.raises(SystemExit, match="2"):
+        main(argv[:-1] + ["-1"])
+    assert "--encoder-cpus: must be a number ≥ 0, got -1" in capsys.readouterr().err
     assert main(["index", "list", "--index-root", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
