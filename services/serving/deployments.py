@@ -339,7 +339,7 @@ class GeneratorDeployment:
         already void are answered `stopped` without decoding."""
         tickets = tickets or [Ticket(r.deadline) for r in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
-        out: list[Generated] = [_stopped("before decoding")] * len(requests)
+        out = [_stopped("before decoding") for _ in requests]
         for i, request in enumerate(requests):
             if not tickets[i].void():
                 groups[request.batch_key()].append(i)
@@ -367,7 +367,7 @@ class GeneratorDeployment:
         try:
             answers = self.engine.generate(requests, stop=lambda: all(t.void() for t in tickets))
         except GenerationStopped as stopped:
-            return [_stopped(str(stopped))] * len(group)
+            return [_stopped(str(stopped)) for _ in group]
         except ValueError:
             raise
         except Exception as error:  # a broken engine, not bad input: check_health restarts us
