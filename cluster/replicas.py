@@ -79,9 +79,9 @@ class ReplicaSet:
         handle = RemoteShard.options(**self.actor_options).remote(self.shards[shard])
         return Replica(handle=handle, ready=handle.health.remote(), shard=shard)
 
-    def _refresh(self, shard: int) -> None:
-        """Promote started replicas, probe ready ones, restart dead ones once their backoff is over.
-        Holds the lock."""
+    def _refresh(self, shard: int, probe: bool = False) -> None:
+        """Promote started replicas, restart dead ones once their backoff is over; with `probe`
+        (the health path, not the search path) also health-probe ready ones. Holds the lock."""
         tags = self._tags(shard)
         for slot, replica in enumerate(self._rows[shard]):
             if replica.state == "starting" and ray.wait([replica.ready], timeout=0)[0]:
@@ -89,7 +89,7 @@ class ReplicaSet:
                     replica.info, replica.state = ray.get(replica.ready), "ready"
                 except (RayActorError, RayTaskError):
                     replica.state = "dead"
-            if replica.state == "ready" and not self._probe(replica):
+            if probe and replica.state == "ready" and not self._probe(replica):
                 self._mark_dead(replica, tags)
             backoff_over = time.monotonic() - replica.started_at >= self.restart_backoff_s
             if replica.state == "dead" and not self._stopped and backoff_over:
@@ -141,7 +141,7 @@ class ReplicaSet:
         """Per shard, per replica: state, in-flight calls, node and pid."""
         with self._lock:
             for shard in range(len(self._rows)):
-                self._refresh(shard)
+                self._refresh(shard, probe=True)
             return [
                 [
                     {

@@ -125,10 +125,8 @@ def choose_labels(
     mode: Mode,
 ) -> list[str]:
     """The likeliest label word for each input (`label_log_likelihoods`)."""
-    best = label_log_likelihoods(generator, inputs, titles, texts, doc_scores, labels, mode).argmax(
-        -1
-    )  # (B,)
-    return [labels[i] for i in best.tolist()]
+    scores = label_log_likelihoods(generator, inputs, titles, texts, doc_scores, labels, mode)  # (B, C)
+    return [labels[i] for i in scores.argmax(-1).tolist()]
 
 
 def _kind(answer: str) -> str:

@@ -14,21 +14,10 @@ import torch
 
 from services.rag.generator import Contexts, Generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll
+from services.rag.stopping import StopCheck, check_stop
 
 NEG = -1.0e9  # transformers' "impossible" score
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StopCheck = Callable[[], bool]
-"""Asked between decoding steps; True stops the decoding (its caller left, or its deadline passed)."""
-
-
-class GenerationStopped(Exception):
-    """Decoding was stopped between two steps because `StopCheck` said so."""
-
-
-def check_stop(stop: StopCheck | None, where: str) -> None:
-    """Raise GenerationStopped when `stop` says so; `where` names the point reached."""
-    if stop is not None and stop():
-        raise GenerationStopped(f"generation stopped {where}")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
-from services.rag.decoding import BeamConfig, StopCheck, check_stop, rag_sequence_generate, rag_token_generate
+from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
 from services.rag.generator import Generator
 from services.rag.marginal import rag_sequence_nll, rag_token_nll
+from services.rag.stopping import StopCheck, check_stop
 
 Mode = Literal["sequence", "token"]  # RAG-Sequence or RAG-Token
 Decoding = Literal["thorough", "fast"]

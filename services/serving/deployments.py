@@ -17,8 +17,8 @@ from ray import serve
 
 from cluster.config import Config
 from cluster.index_store import list_versions, published_version
-from services.rag.decoding import GenerationStopped
 from services.rag.retrieval import Retrieved, retrieve
+from services.rag.stopping import GenerationStopped
 from services.serving.api import Doc
 from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
 from services.serving.metrics import IN_FLIGHT, QUEUED

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.rag.decoding import StopCheck
+from services.rag.stopping import StopCheck
 
 
 @dataclass

@@ -8,7 +8,6 @@ import torch
 from services.rag.decoding import (
     BeamConfig,
     Beams,
-    GenerationStopped,
     beam_search,
     generated_mask,
     rag_sequence_generate,
@@ -16,6 +15,7 @@ from services.rag.decoding import (
 )
 from services.rag.generator import Contexts, Seq2SeqGenerator
 from services.rag.marginal import doc_log_probs
+from services.rag.stopping import GenerationStopped
 from tests.services.rag.rag_fixtures import BART_EOS, BART_PAD, hf_rag, random_contexts, tiny_bart, tiny_llama
 
 VOCAB = 48

@@ -11,8 +11,8 @@ import numpy as np
 from fastapi import FastAPI
 
 from cluster.shard_group import ShardUnavailableError
-from services.rag.decoding import GenerationStopped, StopCheck
 from services.rag.retrieval import Retrieved
+from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving.app import Ingress, build_api
 from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig, LimitsConfig
 from services.serving.engine import GenerateRequest

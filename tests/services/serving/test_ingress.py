@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
-from services.rag.decoding import GenerationStopped, StopCheck
+from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving import app as app_module
 from services.serving.api import MAX_BODY_BYTES
 from services.serving.deployments import GeneratorConfig, GeneratorDeployment, LimitsConfig, Ticket
