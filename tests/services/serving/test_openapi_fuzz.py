@@ -9,6 +9,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
+from schemathesis.config import SchemathesisConfig
+from schemathesis.config._checks import (
+    NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES,
+    POSITIVE_DATA_ACCEPTANCE_EXPECTED_STATUSES,
+)
 
 from services.serving.api import MAX_N_DOCS, MAX_NEW_TOKENS, MAX_NUM_BEAMS
 from services.serving.deployments import LimitsConfig
@@ -20,10 +25,24 @@ EXAMPLES_PER_OPERATION = 40  # per generation mode (valid and invalid data), per
 NO_WORK_LIMIT = LimitsConfig(max_request_work=MAX_N_DOCS * MAX_NUM_BEAMS * MAX_NEW_TOKENS)
 # Nor can it say that the last user message of a chat has text: a schema-valid chat may get a 422.
 LOOSE_SCHEMA = {"POST /v1/chat/completions": [positive_data_acceptance]}
+# Nor the body limit: a generated body over 64 KiB, valid or not, gets the documented 413.
+CHECKS = SchemathesisConfig.from_dict(
+    {
+        "checks": {
+            name: {"expected-statuses": [*defaults, "413"]}
+            for name, defaults in (
+                ("positive_data_acceptance", POSITIVE_DATA_ACCEPTANCE_EXPECTED_STATUSES),
+                ("negative_data_rejection", NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES),
+            )
+        }
+    }
+)
 
 
 def test_fuzzed_requests_get_documented_statuses_and_never_5xx():
-    schema = schemathesis.openapi.from_asgi("/openapi.json", api_over(fake_backend(), limits=NO_WORK_LIMIT))
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", api_over(fake_backend(), limits=NO_WORK_LIMIT), config=CHECKS
+    )
     calls: Counter[str] = Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
