@@ -65,6 +65,7 @@ def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: s
 def run_eval(args: argparse.Namespace) -> int:
     from cluster.index_store import load_manifest, resolve_version
     from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from services.rag.precision import resolve_dtype
     from training.config import ModelsConfig
     from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, with_labels, write_plots
     from training.modules import build_train_module, load_trained
@@ -94,6 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
             query_encoder=args.query_encoder, doc_encoder=args.doc_encoder, generator=args.generator
         )
         module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
+    module.rag.generator.model.to(resolve_dtype(args.precision))
     init_ray()
     root = _eval_index(args, module, doc_encoder, out)
     group = ShardGroup(ShardGroupConfig(index_root=root))
@@ -168,6 +170,12 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
         choices=("thorough", "fast"),
         default="fast",
         help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
     )
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
     parser.add_argument("--out", help="folder for report.json and the PNG plots")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -17,11 +19,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from services.rag.precision import resolve_dtype
 from services.rag.retrieval import Search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
 from training.config import RefreshSchedule, TrainConfig
 from training.data import QAExample
-from training.modules import RagTrainModule, build_train_module
+from training.modules import RagTrainModule, apply_compute, build_train_module
 from training.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,22 @@ def local_slice(indices: Sequence[int], rank: int, world_size: int) -> list[int]
     """This rank's contiguous share of a global batch (sizes differ by at most one)."""
     bounds = np.linspace(0, len(indices), world_size + 1).round().astype(int)
     return list(indices[bounds[rank] : bounds[rank + 1]])
+
+
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc): activations of differently sized
+    batches otherwise fragment it, and a worker's memory creeps up step after step."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def share_weight(share: int, world: int, batch_size: int) -> float:
@@ -65,9 +84,15 @@ def actor_search(shard_group: Any) -> Search:
 
 
 def forward_backward(
-    module: torch.nn.Module, search: Search, examples: Sequence[QAExample], n_docs: int, weight: float
+    module: torch.nn.Module,
+    search: Search,
+    examples: Sequence[QAExample],
+    n_docs: int,
+    weight: float,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, str]:
-    """Retrieve, compute `weight` × local mean loss, backward. Returns (detached loss, version).
+    """Retrieve, compute `weight` × local mean loss (autocast to `dtype`), backward. Returns
+    (detached loss, version).
 
     The module recomputes the doc scores with gradient from the retrieved document vectors.
     `weight` = local batch / (global batch / world size) makes DDP's gradient average equal
@@ -77,7 +102,9 @@ def forward_backward(
     answers = [e.answers[0] for e in examples]
     rag = unwrap(module).rag
     found = retrieve(rag.query_encoder, search, questions, n_docs, rag.doc_score_scale, keep_vectors=True)
-    loss = module(questions, answers, found.titles, found.texts, found.vectors) * weight
+    device = rag.generator.device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = module(questions, answers, found.titles, found.texts, found.vectors) * weight
     loss.backward()
     return loss.detach(), found.version
 
@@ -91,11 +118,13 @@ def train_step(
     weight: float = 1.0,
 ) -> tuple[torch.Tensor, str]:
     """One optimiser step: retrieve, loss, backward (DDP syncs), clip, update."""
-    loss, version = forward_backward(model, search, examples, cfg.n_docs, weight)
+    dtype = resolve_dtype(cfg.compute.precision)
+    loss, version = forward_backward(model, search, examples, cfg.n_docs, weight, dtype)
     if cfg.optimizer.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    release_free_memory()
     return loss, version
 
 
@@ -161,6 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.schedule.seed + rank)
     module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).train()
+    apply_compute(module, cfg.compute)
     state, checkpoint_path = _restore(module, loop_config["refresher"], rank)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = make_optimizer(model, cfg.optimizer.lr, cfg.optimizer.weight_decay)

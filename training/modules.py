@@ -13,7 +13,7 @@ from services.rag.generator import make_generator
 from services.rag.loading import load_generator
 from services.rag.model import Mode, RagModel
 from training.checkpoint import TrainState, load_checkpoint, read_state
-from training.config import ModelsConfig
+from training.config import ComputeConfig, ModelsConfig
 
 
 class RagTrainModule(torch.nn.Module):
@@ -58,6 +58,32 @@ def build_train_module(models: ModelsConfig, mode: Mode, train_doc_encoder: bool
     rag = RagModel(query_encoder, make_generator(model, tokenizer))
     doc_encoder = TextEncoder.from_pretrained(models.doc_encoder) if train_doc_encoder else None
     return RagTrainModule(rag, doc_encoder, mode)
+
+
+def train_top_layers(model: torch.nn.Module, layers: int) -> None:
+    """Freeze the generator but its top `layers` decoder blocks and the final norm: the backward
+    stops at the lowest trained block, and frozen blocks keep no activations or optimizer state."""
+    model.requires_grad_(False)
+    decoder = model.get_decoder()
+    blocks = decoder.layers
+    if layers > len(blocks):
+        raise ValueError(f"train_generator_layers={layers} exceeds the generator's {len(blocks)} blocks")
+    for block in blocks[len(blocks) - layers :]:
+        block.requires_grad_(True)
+    for name in ("norm", "final_layer_norm", "layer_norm"):
+        if layers and isinstance(getattr(decoder, name, None), torch.nn.Module):
+            getattr(decoder, name).requires_grad_(True)
+    if layers and not model.config.tie_word_embeddings:
+        model.get_output_embeddings().requires_grad_(True)
+
+
+def apply_compute(module: RagTrainModule, compute: ComputeConfig) -> None:
+    """Freezing and gradient checkpointing as the config's `compute` section asks."""
+    model = module.rag.generator.model
+    if compute.train_generator_layers is not None:
+        train_top_layers(model, compute.train_generator_layers)
+    if compute.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_trained(checkpoint_dir: str | Path) -> tuple[RagTrainModule, TrainState]:

@@ -393,12 +393,18 @@ class CausalGenerator(Generator):
                 f"prompt of {ctx.input_ids.shape[1]} tokens + answer of {target.shape[1]} tokens "
                 f"exceeds the model's context of {self.max_positions} tokens"
             )
-        k, width = ctx.n_docs, ctx.input_ids.shape[1]
+        k = ctx.n_docs
         ids = torch.cat([ctx.input_ids, target.repeat_interleave(k, dim=0)[:, :-1]], dim=1)  # (B*K, L+T-1)
         mask = torch.cat([ctx.attention_mask, target_mask.repeat_interleave(k, dim=0)[:, :-1]], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B*K, L+T-1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        log_probs = torch.log_softmax(out.logits[:, width - 1 :].float(), dim=-1)  # (B*K, T, V)
+        out = self.model(  # logits only at the T answer positions (the last T of L+T-1)
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=target.shape[1],
+        )
+        log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, T, V)
         return log_probs.view(ctx.batch_size, k, *log_probs.shape[1:])  # (B, K, T, V)
 
     @torch.no_grad()

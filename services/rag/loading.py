@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from services.rag.precision import Precision, resolve_dtype
+
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "RAYRAG_CACHE"
 COMPLETE = ".complete"  # written inside a cache entry last, before the atomic rename
@@ -117,7 +119,7 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
 
 
 def load_generator(
-    name_or_path: str = "default", cache_dir: str | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str = "default", cache_dir: str | None = None, precision: Precision = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a generator in eval mode: "default" (SmolLM2 GGUF, cached), a .gguf file, or any
     `AutoModelForSeq2SeqLM` / `AutoModelForCausalLM` name or path (chosen by its config).
@@ -128,7 +130,7 @@ def load_generator(
         name_or_path = str(cached_gguf(default_gguf_path(), cache_dir))
     elif name_or_path.endswith(".gguf"):
         name_or_path = str(cached_gguf(name_or_path, cache_dir))
-    model, tokenizer = _load_hf(name_or_path, dtype)
+    model, tokenizer = _load_hf(name_or_path, resolve_dtype(precision))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -18,6 +18,7 @@ from cluster.passages import Passage, load_corpus, passage_text
 from services.rag.generator import make_generator
 from services.rag.loading import cache_root, ensure_cached, load_generator
 from services.rag.model import Decoding, Mode, RagModel
+from services.rag.precision import Precision
 from services.rag.retrieval import Retrieved, retrieve
 
 ENCODE_CHUNK = 1024  # passages per progress line
@@ -35,6 +36,7 @@ class LocalConfig(Config):
     encoder: str = "default"
     doc_encoder: str | None = None  # None: the same model as the query encoder
     generator: str = "default"
+    precision: Precision = "auto"  # the generator's weights (services/rag/precision.py)
     n_docs: int = Field(5, ge=1)
     mode: Mode = "sequence"
     decoding: Decoding = "fast"  # RAG-Sequence; "thorough" rescores every hypothesis under all K
@@ -98,7 +100,7 @@ class LocalRag:
         self.vectors = document_vectors(passages, doc_encoder, config.cache_dir)  # (N, d)
         self.index = faiss.IndexFlatIP(self.vectors.shape[1])
         self.index.add(self.vectors)
-        model, tokenizer = load_generator(config.generator, config.cache_dir)
+        model, tokenizer = load_generator(config.generator, config.cache_dir, config.precision)
         self.rag = RagModel(query_encoder.eval(), make_generator(model, tokenizer)).eval()
 
     @classmethod

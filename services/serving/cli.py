@@ -50,6 +50,12 @@ def _add_ask(subcommands: argparse._SubParsersAction) -> None:
     ask.add_argument("--doc-encoder", default=None, help="document encoder (default: same as --encoder)")
     ask.add_argument("--generator", default="default", help="generator: name, path or .gguf file")
     ask.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
+    )
+    ask.add_argument(
         "--cache-dir",
         default=None,
         help="converted models and vectors (default $RAYRAG_CACHE, else ~/.cache/rayrag)",

@@ -17,6 +17,7 @@ from ray import serve
 
 from cluster.config import Config
 from cluster.index_store import list_versions, published_version
+from services.rag.precision import Precision
 from services.rag.retrieval import Retrieved, retrieve
 from services.rag.stopping import GenerationStopped
 from services.serving.api import Doc
@@ -100,6 +101,7 @@ class GeneratorConfig(DeploymentConfig):
     """The generator: a name or a path (e.g. a checkpoint's export); doc scores come with requests."""
 
     generator: str = "default"
+    precision: Precision = "auto"  # the generator's weights (services/rag/loading.py)
 
 
 class LimitsConfig(Config):
@@ -297,7 +299,7 @@ class GeneratorDeployment:
 
     def __init__(self, config: GeneratorConfig, engine: EngineFactory = RagEngine):
         torch.set_num_threads(config.torch_threads)
-        self.engine = engine(config.generator)
+        self.engine = engine(config.generator, config.precision)
         self.failure: BaseException | None = None
         self.held = 0  # requests inside `generate` (event loop only)
         self.working = 0  # of those, inside an engine call (batch thread only)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from services.rag.stopping import StopCheck
+
+if TYPE_CHECKING:
+    from services.rag.precision import Precision
 
 
 @dataclass
@@ -42,18 +45,18 @@ class Engine(Protocol):
         ...
 
 
-EngineFactory = Callable[[str], Engine]
-"""Builds an engine from the generator's name or path (a class such as `RagEngine` is one)."""
+EngineFactory = Callable[[str, "Precision"], Engine]
+"""Builds an engine from the generator's name or path and its precision (`RagEngine` is one)."""
 
 
 class RagEngine:
     """The default engine: a Hugging Face generator decoded by RAG-Sequence or RAG-Token."""
 
-    def __init__(self, generator: str):
+    def __init__(self, generator: str, precision: Precision = "auto"):
         from services.rag.generator import make_generator
         from services.rag.loading import load_generator
 
-        model, tokenizer = load_generator(generator)
+        model, tokenizer = load_generator(generator, precision=precision)
         self.generator = make_generator(model, tokenizer).eval()
 
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:

@@ -51,6 +51,7 @@ class Toy:
             "optimizer": {"lr": 1e-2, "grad_clip": 1.0},
             "schedule": {"steps": 6, "batch_size": 4, "checkpoint_every": 3},
             "scaling": {"num_workers": 2},
+            "compute": {"precision": "float32"},  # the same arithmetic on every CPU
         }
         for key, value in overrides.items():
             raw[key] = (

@@ -46,6 +46,7 @@ def _config(setup: dict[str, str], **overrides) -> LocalConfig:
         "n_docs": 3,
         "num_beams": 2,
         "max_new_tokens": 4,
+        "precision": "float32",  # the same arithmetic on every CPU
     }
     return LocalConfig(**(options | overrides))
 

@@ -71,7 +71,7 @@ class FakeRetriever:
 class FakeEngine:
     """Answers with the first word of the best-scored passage; refuses questions about 'nothing'."""
 
-    def __init__(self, generator: str) -> None:
+    def __init__(self, generator: str, precision: str = "auto") -> None:
         self.batches: list[list[str]] = []
 
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
@@ -140,7 +140,7 @@ class SlowEngine:
 
     STEP_S = 0.005
 
-    def __init__(self, generator: str) -> None:
+    def __init__(self, generator: str, precision: str = "auto") -> None:
         self.pause = threading.Event()  # never set: a step is a bounded wait
 
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:

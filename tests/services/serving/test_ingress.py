@@ -392,8 +392,8 @@ def test_void_requests_are_not_decoded():
 class DecodesUntilStopped(FakeEngine):
     """Takes decoding steps until `stop` says so; `started` is set at the first step."""
 
-    def __init__(self, generator: str) -> None:
-        super().__init__(generator)
+    def __init__(self, generator: str, precision: str = "auto") -> None:
+        super().__init__(generator, precision)
         self.started, self.steps = threading.Event(), 0
 
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
