@@ -126,6 +126,37 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_experiment(args: argparse.Namespace) -> int:
+    """Every stage of the experiment (resuming a finished or interrupted one), the report, then its
+    summary as the last line."""
+    import logging
+
+    from training.experiment import Experiment, load_experiment
+
+    cfg = load_experiment(args.preset, args.config)  # config errors surface before Ray starts
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    init_ray()
+    out = Path(args.out)
+    line = Experiment(cfg, out).run()
+    print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
+    print(json.dumps(line))
+    return 0
+
+
+def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "experiment",
+        help="the paper's experiment on SQuAD dev: fine-tune, evaluate held-out articles, hot-swap the index",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", choices=("cpu", "gpu"), help="examples/experiment_<preset>.yaml")
+    which.add_argument("--config", help="your own experiment YAML (see examples/experiment_cpu.yaml)")
+    parser.add_argument(
+        "--out", required=True, help="folder for the data, index, runs and report; re-run to resume"
+    )
+    parser.set_defaults(run=run_experiment)
+
+
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     from training.config import TASKS
 
@@ -188,6 +219,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="training config YAML (see examples/train.yaml)")
     train.set_defaults(run=run_train)
     _add_eval(subcommands)
+    _add_experiment(subcommands)
     export = subcommands.add_parser("export", help="a training checkpoint → Hugging Face folders to serve")
     export.add_argument("--checkpoint", required=True, help="a training checkpoint folder")
     export.add_argument(

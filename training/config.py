@@ -119,6 +119,7 @@ class TrainConfig(Section):
     task: TaskName = "qa"  # the data's input -> target format (training/tasks.py)
     refresh: str = ""  # "0-1000:100,1000-:500"; empty: never
     train_doc_encoder: bool = False
+    closed_book: bool = False  # no retrieval: one empty passage per question (the paper's baseline)
     max_failures: int = Field(0, ge=-1)
 
     @model_validator(mode="after")
@@ -130,6 +131,8 @@ class TrainConfig(Section):
                 f">= the most workers ({most})"
             )
         RefreshSchedule.parse(self.refresh)
+        if self.closed_book and (self.n_docs != 1 or self.train_doc_encoder):
+            raise ValueError("config key 'closed_book' needs n_docs: 1 and no train_doc_encoder")
         return self
 
 

@@ -4,6 +4,8 @@ closed-book, RAG-Token and RAG-Sequence; JSON report and plots."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -23,7 +25,9 @@ from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
 
 Setting = Literal["closed_book", "rag_token", "rag_sequence"]
 SETTINGS: tuple[Setting, ...] = get_args(Setting)
-RECALL_K = 5
+RECALL_K = 5  # the recall@k of each setting's row
+
+logger = logging.getLogger(__name__)
 
 
 class EvalConfig(Config):
@@ -36,6 +40,7 @@ class EvalConfig(Config):
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     decoding: Decoding = "fast"  # RAG-Sequence decoding
+    recall_at: tuple[PositiveInt, ...] = (1, 5, 10)  # retriever recall@k reported (with n_docs)
     task: TaskName = "qa"
     labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
 
@@ -65,9 +70,14 @@ def predict(
 ) -> list[str]:
     """Predictions for one setting (answers, questions or label words, as the task says); closed-book
     gives the generator one empty passage."""
-    generates = get_task(cfg.task).generates
+    generates, began = get_task(cfg.task).generates, time.monotonic()
     out: list[str] = []
-    for start in range(0, len(questions), cfg.batch_size):
+    for number, start in enumerate(range(0, len(questions), cfg.batch_size)):
+        if number and number % 10 == 0:
+            logger.info(
+                f"[eval] {setting} n_docs={n_docs}: {start}/{len(questions)} "
+                f"({time.monotonic() - began:.0f}s)"
+            )
         chunk = list(questions[start : start + cfg.batch_size])
         if setting == "closed_book" or retrieved is None:
             titles, texts = [[""] for _ in chunk], [[""] for _ in chunk]
@@ -137,12 +147,12 @@ def evaluate(
     settings."""
     task, cfg = get_task(cfg.task), with_labels(cfg, examples)
     questions = [e.question for e in examples]
-    widest = max(max(cfg.n_docs), RECALL_K)
+    widest = max(*cfg.n_docs, *cfg.recall_at, RECALL_K)
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")
     retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size)
     report: dict = {"questions": len(examples), "index_versions": [retrieved.version]}
-    recall = _recall(retrieved, examples, cfg.n_docs) if task.recall else {}
+    recall = _recall(retrieved, examples, (*cfg.n_docs, *cfg.recall_at)) if task.recall else {}
     if task.recall:
         report["recall"] = {str(k): v for k, v in recall.items()}
     report |= {"config": cfg.model_dump(), "settings": {}}
@@ -155,14 +165,14 @@ def evaluate(
     return report
 
 
-def _recall(retrieved: Retrieved, examples: Sequence[QAExample], n_docs: Sequence[int]) -> dict[int, float]:
-    """recall@k for every k of n_docs and RECALL_K: a gold answer found in the first k passages."""
+def _recall(retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]) -> dict[int, float]:
+    """recall@k for every k of `ks` and RECALL_K: a gold answer found in the first k passages."""
     passages = [
         [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
         for ts, xs in zip(retrieved.titles, retrieved.texts)
     ]
     answers = [list(e.answers) for e in examples]
-    return {k: recall_at_k(passages, answers, k) for k in sorted(set(n_docs) | {RECALL_K})}
+    return {k: recall_at_k(passages, answers, k) for k in sorted(set(ks) | {RECALL_K})}
 
 
 def summary_line(report: dict) -> dict:

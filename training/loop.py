@@ -7,6 +7,7 @@ import ctypes.util
 import json
 import logging
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from services.rag.precision import resolve_dtype
-from services.rag.retrieval import Search, retrieve
+from services.rag.retrieval import Search, closed_book_search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
 from training.config import RefreshSchedule, TrainConfig
 from training.data import QAExample
@@ -61,6 +62,17 @@ def release_free_memory() -> None:
     batches otherwise fragment it, and a worker's memory creeps up step after step."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def memory_mb() -> dict[str, float]:
+    """This worker's resident memory now and at its peak, in MiB."""
+    import psutil
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "rss_mb": round(psutil.Process().memory_info().rss / 2**20),
+        "peak_rss_mb": round(peak_kib / 1024),
+    }
 
 
 def share_weight(share: int, world: int, batch_size: int) -> float:
@@ -213,7 +225,7 @@ def _run_steps(
     resumed_from: str | None,
 ) -> None:
     refresher, history = loop_config["refresher"], loop_config["history"]
-    search = actor_search(loop_config["shard_group"])
+    search = closed_book_search if cfg.closed_book else actor_search(loop_config["shard_group"])
     schedule, sched = RefreshSchedule.parse(cfg.refresh), cfg.schedule
     start = state.step if state is not None else 0
     pids = [os.getpid()] * world
@@ -237,6 +249,7 @@ def _run_steps(
             "index_version": version,
             "step_seconds": seconds,
             "world_size": world,
+            **memory_mb(),
         }
         if rank == 0 and cfg.train_doc_encoder and schedule.is_refresh_step(done):
             refresher.request.remote(done, _snapshot(unwrap(model).doc_encoder))

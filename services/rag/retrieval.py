@@ -22,6 +22,21 @@ Search = Callable[
 ]  # (queries (B, d) float32, k) → top-k with document vectors
 
 
+def closed_book_search(queries: np.ndarray, k: int) -> SearchResult:
+    """A Search without an index: one empty passage per question with a zero vector, so the
+    generator sees only the question (the closed-book baseline)."""
+    n, d = queries.shape
+    return SearchResult(
+        scores=np.zeros((n, 1), np.float32),
+        ids=np.full((n, 1), -1, np.int64),
+        titles=[[""] for _ in range(n)],
+        texts=[[""] for _ in range(n)],
+        vectors=np.zeros((n, 1, d), np.float32),
+        version="closed-book",
+        coverage=1.0,
+    )
+
+
 @dataclass
 class Retrieved:
     """The top-K passages of a batch of questions from one index version, scored as RagModel scores them."""

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.merge import SearchResult
 from cluster.passages import Passage, passage_text
 from cluster.shard_group import ShardGroup, ShardGroupConfig
-from services.rag.retrieval import Retrieved, Search
+from services.rag.retrieval import Retrieved, Search, closed_book_search
 from training.config import TrainConfig, config_from_dict
 from training.data import load_qa
 from training.evaluate import EvalConfig, predict, retrieve
@@ -50,20 +49,6 @@ def copy_index(copy_toy, ray_session, tmp_path_factory):
     group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root))
     yield cfg, group
     group.close()
-
-
-def closed_book_search(queries: np.ndarray, k: int) -> SearchResult:
-    """One empty passage per question with a zero vector: the generator sees only the question."""
-    n, d = queries.shape
-    return SearchResult(
-        scores=np.zeros((n, 1), np.float32),
-        ids=np.full((n, 1), -1, np.int64),
-        titles=[[""] for _ in range(n)],
-        texts=[[""] for _ in range(n)],
-        vectors=np.zeros((n, 1, d), np.float32),
-        version="closed-book",
-        coverage=1.0,
-    )
 
 
 def train(cfg: TrainConfig, search: Search) -> tuple[RagTrainModule, list[float]]:

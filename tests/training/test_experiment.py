@@ -1,0 +1,115 @@
+"""`rayrag experiment` end to end on tiny models and a tiny SQuAD-format file: every stage, the report,
+the hot swap through the shard group, and resuming from the stage files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.cli import run_experiment
+from training.experiment import STAGES, load_experiment, write_data
+
+ARTICLES = ("Alpha", "Beta", "Gamma", "Delta")
+SUMMARY_KEYS = (
+    "rag_sequence_em rag_token_em closed_book_em zero_shot_rag_em top1_read_em swap_matching_em "
+    "swap_mismatched_em recall_at_5_before recall_at_5_after minutes"
+).split()
+
+
+def _squad(path: Path, toy) -> str:
+    """Four articles of two paragraphs; each paragraph holds toy keys' answers and asks about one."""
+    keys = list(toy.answers)
+    data = []
+    for a, title in enumerate(ARTICLES):
+        paragraphs = []
+        for p in range(2):
+            key = keys[2 * a + p]
+            paragraphs.append(
+                {
+                    "context": f"{key} {toy.answers[key]} in {title}",
+                    "qas": [{"id": f"{a}{p}", "question": f"{key}?", "answers": [{"text": toy.answers[key]}]}],
+                }
+            )
+        data.append({"title": title, "paragraphs": paragraphs})
+    path.write_text(json.dumps({"data": data}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def experiment_config(toy, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("experiment")
+    config = {
+        "name": "tiny",
+        "data": {
+            "squad": _squad(root / "squad.json", toy),
+            "test_articles": ["Delta"],
+            "test_questions": 2,
+            "distractors": toy.corpus,
+            "distractor_limit": 12,
+        },
+        "models": {"query_encoder": toy.encoder, "doc_encoder": toy.encoder, "generator": toy.generator},
+        "train": {
+            "n_docs": 2,
+            "optimizer": {"lr": 1e-3},
+            "schedule": {"steps": 2, "batch_size": 2, "checkpoint_every": 2},
+            "scaling": {"num_workers": 1},
+            "compute": {"precision": "float32"},
+        },
+        "eval": {"n_docs": 2, "max_new_tokens": 3, "batch_size": 2, "precision": "float32"},
+    }
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _run(config: str, out: Path, capsys) -> dict:
+    assert run_experiment(argparse.Namespace(preset=None, config=config, out=str(out))) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_session, tmp_path, capsys):
+    line = _run(experiment_config, tmp_path, capsys)
+    assert set(SUMMARY_KEYS) <= set(line), line
+    report = json.loads((tmp_path / "report.json").read_text())
+    data, index, swap = report["data"], report["index"], report["swap"]
+    assert (data["train_articles"], data["test_articles"], data["test_questions"]) == (3, 1, 2)
+    assert data["passages"] == 12 + 8 and data["passages_without_test"] == 12 + 6
+    # the swap went through the shard group to each version and back; the matching side is the
+    # fine-tuned RAG-Sequence row again (same model, index version and decoding)
+    assert swap["mismatched"]["version"] == index["mismatched"]
+    assert swap["matching"]["version"] == index["matching"]
+    assert swap["matching"]["settings"]["rag_sequence"] == report["fine_tuned"]["settings"]["rag_sequence"]
+    for run in ("train_rag", "train_closed_book"):
+        losses = [json.loads(row) for row in Path(report[run]["history"]).read_text().splitlines()]
+        assert sum("loss" in row for row in losses) == 2
+    assert "| RAG-Sequence, fine-tuned |" in (tmp_path / "results.md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["em_f1.png", "loss.png", "recall.png"]
+
+    (tmp_path / "stages" / "swap.json").unlink()  # as if stopped during the last stage
+    again = _run(experiment_config, tmp_path, capsys)
+    assert {k: v for k, v in again.items() if k != "minutes"} == {k: v for k, v in line.items() if k != "minutes"}
+    assert sorted(p.stem for p in (tmp_path / "stages").glob("*.json")) == sorted(STAGES)
+
+
+def test_experiment_config_errors_name_the_key(experiment_config, tmp_path):
+    raw = yaml.safe_load(Path(experiment_config).read_text())
+    for change, message in (
+        ({"train": raw["train"] | {"n_docs": 0}}, "config key 'train'"),
+        ({"train": raw["train"] | {"name": "x"}}, "must not set"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(raw | change))
+        with pytest.raises(ValueError, match=message):
+            load_experiment(None, str(path))
+    data = load_experiment(None, experiment_config).data.model_copy(update={"test_articles": ("Omega",)})
+    with pytest.raises(ValueError, match="no such articles \\['Omega'\\]"):
+        write_data(data, tmp_path / "data")
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_experiment("tpu", None)
+    for preset in ("cpu", "gpu"):
+        assert load_experiment(preset, None).data.test_questions >= 300

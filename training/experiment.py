@@ -1,0 +1,352 @@
+"""`rayrag experiment`: the paper's Table 1 and index hot-swap at small scale, one command, one report.
+
+SQuAD dev is split by article into training and test articles (listed in the config). The corpus
+is every paragraph of every article plus distractor passages, so retrieval is open-domain. The
+stages run in order; each writes `stages/NAME.json` under the output folder, and a re-run skips
+the finished ones (training resumes from its last checkpoint):
+
+1. data: train.jsonl (training articles' questions), test.jsonl (a seeded sample of the test
+   articles' questions), corpus files with and without the test articles' paragraphs;
+2. index: the passages encoded once, then two versions of one index root: "mismatched" without
+   the test paragraphs, "matching" with them (published);
+3. zero_shot: the shipped models, closed-book and RAG-Sequence (retriever recall before);
+4. train_rag / train_closed_book: `rayrag train` runs with the same data, steps and batch; the
+   closed-book one reads one empty passage per question;
+5. fine_tuned: RAG-Token, RAG-Sequence and the top-1 passage read (retriever recall after);
+6. closed_book: the closed-book-trained generator;
+7. swap: the fine-tuned RAG model with the shard group swapped to "mismatched", then back to
+   "matching" (`ShardGroup.swap`, what serving does; no rebuild).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import Field, model_validator
+
+from cluster.passages import load_corpus, passage_text, squad_articles, squad_dev_path
+from services.rag.model import Decoding, RagModel
+from services.rag.precision import Precision
+from training.config import ModelsConfig, Section, TrainConfig, config_from_dict
+from training.data import BUILTIN_QA, QAExample, load_qa, squad_qa_by_article
+
+logger = logging.getLogger(__name__)
+PRESETS = {
+    name: Path(__file__).resolve().parents[1] / "examples" / f"experiment_{name}.yaml"
+    for name in ("cpu", "gpu")
+}
+STAGES = ("data", "index", "zero_shot", "train_rag", "train_closed_book", "fine_tuned", "closed_book", "swap")
+
+
+class ExperimentData(Section):
+    """Where the questions and passages come from, and the fixed split by article."""
+
+    squad: str = BUILTIN_QA  # SQuAD-format .json ("squad-dev": SQuAD v1.1 dev)
+    test_articles: tuple[str, ...] = Field(min_length=1)  # titles as in the file; the rest train
+    test_questions: int = Field(300, ge=1)  # a seeded sample of the test articles' questions
+    train_questions: int | None = Field(None, ge=1)  # a seeded sample for training (None: all)
+    distractors: str = "default"  # a corpus spec whose passages join the articles' paragraphs
+    distractor_limit: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class ExperimentEval(Section):
+    """One decoding for every setting, so the rows differ only in model and retrieval."""
+
+    n_docs: int = Field(5, ge=1)
+    num_beams: int = Field(1, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+    decoding: Decoding = "thorough"  # RAG-Sequence
+    precision: Precision = "auto"
+
+
+class ExperimentConfig(Section):
+    """A preset (examples/experiment_*.yaml): data, models, the training keys both runs share, eval."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: ExperimentData
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    train: dict[str, Any]  # `rayrag train` keys: n_docs, mode, optimizer, schedule, scaling, compute...
+    eval: ExperimentEval = Field(default_factory=ExperimentEval)
+
+    @model_validator(mode="after")
+    def _check_train(self) -> ExperimentConfig:
+        reserved = {"name", "storage_path", "data", "index", "models", "closed_book"} & set(self.train)
+        if reserved:
+            raise ValueError(f"config key 'train' must not set {sorted(reserved)}: the experiment does")
+        for closed_book in (False, True):  # every key checked before anything runs
+            self.train_config(Path("."), closed_book, train_data=BUILTIN_QA)
+        return self
+
+    def train_config(self, out: Path, closed_book: bool, train_data: str | None = None) -> TrainConfig:
+        """The `rayrag train` config of the RAG run or of the closed-book run."""
+        raw = {
+            **self.train,
+            "name": "closed_book" if closed_book else "rag",
+            "storage_path": str(out / "runs"),
+            "data": {"train": train_data or str(out / "data" / "train.jsonl")},
+            "index": {
+                "root": str(out / "index"),
+                "corpus": str(out / "data" / "corpus.jsonl"),
+                "shard_cpus": 0,
+            },
+            "models": self.models.model_dump(),
+            "closed_book": closed_book,
+        }
+        if closed_book:
+            raw["n_docs"] = 1
+        try:
+            return config_from_dict(raw)
+        except ValueError as error:
+            raise ValueError(f"config key 'train': {error}") from error
+
+
+def load_experiment(preset: str | None, path: str | None) -> ExperimentConfig:
+    """A preset's config (cpu | gpu) or your own YAML file's."""
+    file = Path(path) if path else PRESETS.get(preset or "")
+    if file is None:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+    if not file.is_file():
+        raise ValueError(f"no such experiment config {str(file)!r}")
+    return ExperimentConfig.parse(yaml.safe_load(file.read_text()))
+
+
+# ---- stage 1: data ----
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def _qa_rows(examples: list[QAExample]) -> list[dict]:
+    return [{"question": e.question, "answers": list(e.answers)} for e in examples]
+
+
+def _sample(examples: list[QAExample], count: int | None, seed: int) -> list[QAExample]:
+    """`count` examples drawn without replacement (all of them when None or too few), in file order."""
+    if count is None or count >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), count, replace=False))
+    return [examples[i] for i in keep]
+
+
+def write_data(cfg: ExperimentData, folder: Path) -> dict:
+    """The question files and both corpus files; returns their counts."""
+    source = squad_dev_path() if cfg.squad == BUILTIN_QA else Path(cfg.squad)
+    articles = squad_articles(source)
+    titles = [a.get("title", "") for a in articles]
+    unknown = sorted(set(cfg.test_articles) - set(titles))
+    if unknown:
+        raise ValueError(f"config key 'data.test_articles': no such articles {unknown} in {str(source)!r}")
+    held_out = set(cfg.test_articles)
+    train, test = [], []
+    for title, examples in squad_qa_by_article(source):
+        (test if title in held_out else train).extend(examples)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = _sample(train, cfg.train_questions, cfg.seed)
+    test = _sample(test, cfg.test_questions, cfg.seed)
+    _write_jsonl(folder / "train.jsonl", _qa_rows(train))
+    _write_jsonl(folder / "test.jsonl", _qa_rows(test))
+    distractors = [
+        {"title": p.title, "text": p.text} for p in load_corpus(cfg.distractors, cfg.distractor_limit)
+    ]
+
+    def paragraphs(test_side: bool) -> list[dict]:
+        return [
+            {"title": article["title"].replace("_", " "), "text": paragraph["context"]}
+            for article in articles
+            if (article["title"] in held_out) == test_side
+            for paragraph in article.get("paragraphs", [])
+        ]
+
+    # The test paragraphs come last: the corpus without them is a prefix of the one with them.
+    without_test = distractors + paragraphs(test_side=False)
+    _write_jsonl(folder / "corpus_without_test.jsonl", without_test)
+    _write_jsonl(folder / "corpus.jsonl", without_test + paragraphs(test_side=True))
+    return {
+        "train_questions": len(train),
+        "test_questions": len(test),
+        "train_articles": len(articles) - len(held_out),
+        "test_articles": len(held_out),
+        "passages": len(load_corpus(str(folder / "corpus.jsonl"))),
+        "passages_without_test": len(load_corpus(str(folder / "corpus_without_test.jsonl"))),
+    }
+
+
+# ---- stage 2: index ----
+
+
+def build_versions(folder: Path, index_root: Path, doc_encoder: str) -> dict:
+    """Encode the full corpus once; write the version without the test paragraphs (a prefix of the
+    passages) and the full one, which is published."""
+    from cluster.encode_pool import encode_on_ray
+    from cluster.index_build import build_index_from_vectors
+
+    passages = load_corpus(str(folder / "corpus.jsonl"))
+    prefix = len(load_corpus(str(folder / "corpus_without_test.jsonl")))
+    vectors, (encoder, _, fingerprint) = encode_on_ray([passage_text(p) for p in passages], doc_encoder)
+
+    def version(count: int, publish: bool) -> str:
+        return build_index_from_vectors(
+            vectors[:count],
+            passages[:count],
+            index_root,
+            encoder=encoder,
+            encoder_fingerprint=fingerprint,
+            publish=publish,
+        )
+
+    return {"mismatched": version(prefix, publish=False), "matching": version(len(passages), publish=True)}
+
+
+# ---- stages 3-7: evaluation ----
+
+
+def evaluate_settings(
+    rag: RagModel, group: Any, examples: list[QAExample], cfg: ExperimentEval, settings: list[str]
+) -> dict:
+    """`rayrag eval`'s report for these settings, with rows for the top-1 passage and n_docs."""
+    from training.evaluate import EvalConfig, evaluate
+
+    eval_cfg = EvalConfig.parse(
+        {
+            "n_docs": sorted({1, cfg.n_docs}),
+            "settings": settings,
+            "batch_size": cfg.batch_size,
+            "num_beams": cfg.num_beams,
+            "max_new_tokens": cfg.max_new_tokens,
+            "decoding": cfg.decoding,
+        }
+    )
+    return evaluate(rag, group, examples, eval_cfg, group.manifest.count)
+
+
+def _inference_model(module: Any, precision: Precision) -> RagModel:
+    from services.rag.precision import resolve_dtype
+
+    module.rag.generator.model.to(resolve_dtype(precision))
+    return module.rag.eval()
+
+
+def shipped_model(models: ModelsConfig, precision: Precision) -> RagModel:
+    from training.modules import build_train_module
+
+    return _inference_model(build_train_module(models, "sequence", False), precision)
+
+
+def trained_model(checkpoint: str, precision: Precision) -> RagModel:
+    from training.modules import load_trained
+
+    return _inference_model(load_trained(checkpoint)[0], precision)
+
+
+def train_run(cfg: TrainConfig) -> dict:
+    """`rayrag train` with this config; where its checkpoint and loss history are."""
+    from training.trainer import run_training
+
+    outcome = run_training(cfg)
+    return {
+        "checkpoint": outcome.result.checkpoint.path,
+        "history": str(outcome.history),
+        "loss": (outcome.result.metrics or {}).get("loss"),
+    }
+
+
+def swap_eval(
+    rag: RagModel, group: Any, examples: list[QAExample], cfg: ExperimentEval, versions: dict
+) -> dict:
+    """RAG-Sequence with the index swapped to the version without the test paragraphs, then back."""
+    rows = {}
+    for name in ("mismatched", "matching"):
+        group.swap(versions[name])
+        rows[name] = evaluate_settings(rag, group, examples, cfg, ["rag_sequence"])
+        rows[name]["version"] = group.version
+    return rows
+
+
+class Experiment:
+    """Runs the stages in order; a finished stage's result is read back instead of re-run."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path) -> None:
+        self.cfg, self.out = cfg, Path(out).resolve()
+        self.stages_dir = self.out / "stages"
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
+        (self.out / "experiment.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        )
+
+    def stage(self, name: str, run: Callable[[], dict]) -> dict:
+        path = self.stages_dir / f"{name}.json"
+        if path.is_file():
+            logger.info(f"[experiment] {name}: done before, read from {path}")
+            return json.loads(path.read_text())
+        number = STAGES.index(name) + 1
+        logger.info(f"[experiment] stage {number}/{len(STAGES)}: {name}")
+        began = time.monotonic()
+        result = run() | {"seconds": round(time.monotonic() - began, 1)}
+        path.write_text(json.dumps(result, indent=1))
+        logger.info(f"[experiment] {name} finished in {result['seconds'] / 60:.1f} min")
+        return result
+
+    def run(self) -> dict:
+        """Every stage, then the report (report.json, results.md, plots); returns the summary."""
+        from cluster.shard_group import ShardGroup, ShardGroupConfig
+
+        cfg, data_dir = self.cfg, self.out / "data"
+        results = {"data": self.stage("data", lambda: write_data(cfg.data, data_dir))}
+        index_root = self.out / "index"
+        results["index"] = self.stage(
+            "index", lambda: build_versions(data_dir, index_root, cfg.models.doc_encoder)
+        )
+        test = load_qa(str(data_dir / "test.jsonl"))
+        group = ShardGroup(ShardGroupConfig(index_root=str(index_root)), results["index"]["matching"])
+        try:
+            results |= self._evaluations(group, test, results["index"])
+        finally:
+            group.close()
+        from training.report import write_report
+
+        return write_report(results, self.out)
+
+    def _evaluations(self, group: Any, test: list[QAExample], versions: dict) -> dict:
+        cfg, precision = self.cfg, self.cfg.eval.precision
+        results = {
+            "zero_shot": self.stage(
+                "zero_shot",
+                lambda: evaluate_settings(
+                    shipped_model(cfg.models, precision),
+                    group,
+                    test,
+                    cfg.eval,
+                    ["closed_book", "rag_sequence"],
+                ),
+            ),
+            "train_rag": self.stage("train_rag", lambda: train_run(cfg.train_config(self.out, False))),
+            "train_closed_book": self.stage(
+                "train_closed_book", lambda: train_run(cfg.train_config(self.out, True))
+            ),
+        }
+        rag = trained_model(results["train_rag"]["checkpoint"], precision)
+        results["fine_tuned"] = self.stage(
+            "fine_tuned", lambda: evaluate_settings(rag, group, test, cfg.eval, ["rag_token", "rag_sequence"])
+        )
+        results["closed_book"] = self.stage(
+            "closed_book",
+            lambda: evaluate_settings(
+                trained_model(results["train_closed_book"]["checkpoint"], precision),
+                group,
+                test,
+                cfg.eval,
+                ["closed_book"],
+            ),
+        )
+        results["swap"] = self.stage("swap", lambda: swap_eval(rag, group, test, cfg.eval, versions))
+        return results
