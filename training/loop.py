@@ -258,6 +258,7 @@ def _run_steps(
             logger.info(
                 f"[train {cfg.name}] step {done}/{sched.steps} loss {metrics['loss']:.4f} "
                 f"index {version} workers {world} {seconds:.2f}s/step "
+                f"memory {metrics['rss_mb']} MiB (peak {metrics['peak_rss_mb']}) "
                 f"elapsed {time.monotonic() - began:.0f}s"
             )
         if done % sched.checkpoint_every == 0 or done == sched.steps:
