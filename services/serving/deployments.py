@@ -101,7 +101,10 @@ class GeneratorConfig(DeploymentConfig):
     """The generator: a name or a path (e.g. a checkpoint's export); doc scores come with requests."""
 
     generator: str = "default"
-    precision: Precision = "auto"  # the generator's weights (services/rag/loading.py)
+    precision: Precision = "auto"  # the generator's weights (services/rag/precision.py)
+    # Threads for a batch that has the replica to itself (no other request held): a lone request
+    # then uses every core. None: always `torch_threads`.
+    torch_threads_alone: int | None = Field(None, ge=1)
 
 
 class LimitsConfig(Config):
@@ -299,6 +302,7 @@ class GeneratorDeployment:
 
     def __init__(self, config: GeneratorConfig, engine: EngineFactory = RagEngine):
         torch.set_num_threads(config.torch_threads)
+        self.config = config
         self.engine = engine(config.generator, config.precision)
         self.failure: BaseException | None = None
         self.held = 0  # requests inside `generate` (event loop only)
@@ -320,6 +324,11 @@ class GeneratorDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, requests: list[GenerateRequest], tickets: list[Ticket]) -> list[Generated]:
         return await asyncio.to_thread(self.generate_batch, requests, tickets)
+
+    def _threads(self, batch: int) -> int:
+        """All the replica's threads for a batch nobody else waits behind, else its share under load."""
+        alone = self.config.torch_threads_alone
+        return alone if alone is not None and self.held <= batch else self.config.torch_threads
 
     def load(self) -> dict[str, int]:
         """Requests held (queued or decoding) and those being decoded now."""
@@ -366,6 +375,7 @@ class GeneratorDeployment:
         start = time.perf_counter()
         self.working += len(group)
         self._report()
+        torch.set_num_threads(self._threads(len(group)))
         try:
             answers = self.engine.generate(requests, stop=lambda: all(t.void() for t in tickets))
         except GenerationStopped as stopped:

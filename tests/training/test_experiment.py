@@ -28,12 +28,8 @@ def _squad(path: Path, toy) -> str:
         paragraphs = []
         for p in range(2):
             key = keys[2 * a + p]
-            paragraphs.append(
-                {
-                    "context": f"{key} {toy.answers[key]} in {title}",
-                    "qas": [{"id": f"{a}{p}", "question": f"{key}?", "answers": [{"text": toy.answers[key]}]}],
-                }
-            )
+            qa = {"id": f"{a}{p}", "question": f"{key}?", "answers": [{"text": toy.answers[key]}]}
+            paragraphs.append({"context": f"{key} {toy.answers[key]} in {title}", "qas": [qa]})
         data.append({"title": title, "paragraphs": paragraphs})
     path.write_text(json.dumps({"data": data}))
     return str(path)
@@ -92,7 +88,8 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
 
     (tmp_path / "stages" / "swap.json").unlink()  # as if stopped during the last stage
     again = _run(experiment_config, tmp_path, capsys)
-    assert {k: v for k, v in again.items() if k != "minutes"} == {k: v for k, v in line.items() if k != "minutes"}
+    assert again.pop("minutes") >= 0 and line.pop("minutes") >= 0
+    assert again == line
     assert sorted(p.stem for p in (tmp_path / "stages").glob("*.json")) == sorted(STAGES)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
@@ -429,3 +430,30 @@ def test_every_request_is_counted_by_route_and_status(client, monkeypatch):
         {"route": "/v1/answer", "status": "422"},
         {"route": "other", "status": "404"},
     ]
+
+
+class CountsThreads(FakeEngine):
+    """Records the torch threads each engine call runs with."""
+
+    def __init__(self, generator: str, precision: str = "auto") -> None:
+        super().__init__(generator, precision)
+        self.threads: list[int] = []
+
+    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
+        self.threads.append(torch.get_num_threads())
+        return super().generate(requests, stop)
+
+
+def test_a_lone_batch_uses_every_thread_and_a_busy_replica_its_share():
+    config = GeneratorConfig(generator="fake", torch_threads=1, torch_threads_alone=3)
+    generator = GeneratorDeployment.func_or_class(config, engine=CountsThreads)
+    request = GenerateRequest("q", ["t"], ["text"], [1.0], "sequence", "fast", 1, 4)
+    saved = torch.get_num_threads()
+    try:
+        generator.held = 1  # this request alone
+        generator.generate_batch([request])
+        generator.held = 2  # another request waits behind it
+        generator.generate_batch([request])
+    finally:
+        torch.set_num_threads(saved)
+    assert generator.engine.threads == [3, 1]
