@@ -9,10 +9,18 @@ replicas measured in process (retrieve + generate). Its reference is the floor: 
 shape (proxy → Ingress → two by-value handle hops) through deployments that do no work, measured
 in the same run. Batching's reference is the generator's own ceiling: one batch against the same
 questions one at a time, in this process. Each level also reports the CPU its Serve processes
-spent per answer. The last line printed is one JSON object with every figure.
+spent per answer. The answer latency's reference is a plain transformers loop (bench/
+transformers_loop.py): on the first `--loop-questions` questions, with the passages and doc
+scores the app returned for them, one `generate` per passage and RAG-Sequence "fast"
+marginalisation, on all cores in this process; loop_speedup = its p50 / the app's p50 at
+concurrency 1. The last line printed is one JSON object with every figure.
+
+With `--default-models` the request is the app's default (K=5, RAG-Sequence "fast", 4 beams,
+32 new tokens) over a fixed list of questions whose answers are in the first passages of the
+default corpus; tiny models default to 1 beam and 8 new tokens over "What is known about X?".
 
     python bench/serve.py                       # tiny models, 500 requests at 1, 8, 16
-    python bench/serve.py --requests 200 --default-models --num-beams 4 --max-new-tokens 32
+    python bench/serve.py --requests 200 --default-models
 """
 
 import argparse
@@ -30,10 +38,53 @@ import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_models, bench.*
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# (title, question) whose answer is in the title's first passage of the default corpus, all
+# within its first 200 passages.
+DEFAULT_QUESTIONS = (
+    ("2001: A Space Odyssey", "Who directed 2001: A Space Odyssey?"),
+    ("Adventures of Huckleberry Finn", "Who wrote Adventures of Huckleberry Finn?"),
+    ("Anna Karenina", "Who wrote Anna Karenina?"),
+    ("Arnolfini Portrait", "Who painted the Arnolfini Portrait?"),
+    ("Brave New World", "Who wrote Brave New World?"),
+    ("Carmen", "Who composed the opera Carmen?"),
+    ("Citizen Kane", "Who directed Citizen Kane?"),
+    ("Burj Khalifa", "In which city is the Burj Khalifa?"),
+    (
+        "A Sunday Afternoon on the Island of La Grande Jatte",
+        "Who painted A Sunday Afternoon on the Island of La Grande Jatte?",
+    ),
+    ("The Adventures of Tintin", "Who created The Adventures of Tintin?"),
+    ("Aeneid", "Who wrote the Aeneid?"),
+    ("Al-Jabr", "Who wrote Al-Jabr?"),
+    ("Alhambra", "In which city is the Alhambra?"),
+    ("Alice's Adventures in Wonderland", "Who wrote Alice's Adventures in Wonderland?"),
+    (
+        "Along the River During the Qingming Festival",
+        "Who painted Along the River During the Qingming Festival?",
+    ),
+    ("Anabasis (Xenophon)", "Who wrote the Anabasis?"),
+    ("Angkor Wat", "In which country is Angkor Wat?"),
+    ("Batman", "Who created Batman?"),
+    ("Battleship Potemkin", "Who directed Battleship Potemkin?"),
+    ("Bicycle Thieves", "Who directed Bicycle Thieves?"),
+    ("Bohemian Rhapsody", "Who wrote Bohemian Rhapsody?"),
+    ("Brandenburg Concertos", "Who composed the Brandenburg Concertos?"),
+    ("Breathless (1960 film)", "Who directed the film Breathless?"),
+    ("The Brothers Karamazov", "Who wrote The Brothers Karamazov?"),
+    ("Campbell's Soup Cans", "Who painted Campbell's Soup Cans?"),
+    ("Candide", "Who wrote Candide?"),
+    ("The Canterbury Tales", "Who wrote The Canterbury Tales?"),
+    ("Casablanca (film)", "Who directed Casablanca?"),
+    ("The Catcher in the Rye", "Who wrote The Catcher in the Rye?"),
+    ("A Christmas Carol", "Who wrote A Christmas Carol?"),
+    ("The Color Purple", "Who wrote The Color Purple?"),
+    ("Colosseum", "In which city is the Colosseum?"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,19 +94,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--default-models",
         action="store_true",
-        help="all-MiniLM-L6-v2 + SmolLM2-135M instead of tiny random models",
+        help="all-MiniLM-L6-v2 + SmolLM2-135M and the app's default request, instead of tiny random models",
     )
     parser.add_argument("--corpus-limit", type=int, default=2000, help="passages of the default corpus")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--n-docs", type=int, default=5)
-    # Tiny random generators rarely emit EOS, so they decode every one of max_new_tokens.
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=None, help="default: 4, tiny models 1")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 32, tiny models 8")
+    parser.add_argument(
+        "--loop-questions", type=int, default=8, help="questions the transformers loop answers (0: none)"
+    )
     parser.add_argument("--config", default=None, help="the Serve config file (default: deploy.yaml)")
     args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
-    if args.requests < 1 or min(args.levels) < 1:
-        raise SystemExit(f"--requests and --concurrency must be ≥ 1, got {args.requests}, {args.levels}")
+    if args.requests < 1 or min(args.levels) < 1 or args.loop_questions < 0:
+        raise SystemExit(
+            f"--requests and --concurrency must be ≥ 1 and --loop-questions ≥ 0, got "
+            f"{args.requests}, {args.levels}, {args.loop_questions}"
+        )
+    # The app's default request; tiny random generators rarely emit EOS, so they decode every
+    # one of max_new_tokens: fewer beams and tokens keep them quick.
+    if args.num_beams is None:
+        args.num_beams = 4 if args.default_models else 1
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32 if args.default_models else 8
     return args
 
 
@@ -79,6 +141,19 @@ def build_index_and_models(args: argparse.Namespace, tmp: Path, app_args: dict) 
         "models": {"query_encoder": encoder, "generator": generator},
         "generator": {**generator_args, "num_replicas": 1},
     }, passages
+
+
+def question_pool(args: argparse.Namespace, passages: list) -> list[str]:
+    """The distinct questions asked: DEFAULT_QUESTIONS whose titles are in `passages` with the
+    default models, else "What is known about X?" on `--requests` random passages."""
+    if not args.default_models:
+        picks = np.random.default_rng(0).integers(0, len(passages), args.requests)
+        return [f"What is known about {passages[i].title}?" for i in picks]
+    titles = {p.title for p in passages}
+    pool = [question for title, question in DEFAULT_QUESTIONS if title in titles]
+    if not pool:
+        raise SystemExit(f"no title of DEFAULT_QUESTIONS is in the first {len(passages)} passages")
+    return pool
 
 
 def deploy(app_args: dict, batching: bool) -> None:
@@ -240,6 +315,23 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
     return alone / seconds(slice(0, batch))
 
 
+def loop_reference(url: str, generator: str, questions: list[str], body: dict) -> dict:
+    """The transformers loop against the app on `questions`: the app's answers, passages and doc
+    scores over HTTP one at a time, then the loop's seconds and answers on those passages."""
+    from bench.transformers_loop import time_loop
+
+    with httpx.Client(base_url=url, timeout=300) as client:
+        served = [
+            client.post("/v1/answer", json={**body, "question": q}).raise_for_status().json()
+            for q in questions
+        ]
+    seconds, answers = time_loop(
+        generator, questions, [s["docs"] for s in served], body["num_beams"], body["max_new_tokens"]
+    )
+    agree = [a == s["answer"] for a, s in zip(answers, served, strict=True)]
+    return {"loop_p50_s": float(np.percentile(seconds, 50)), "loop_answers_agree": sum(agree) / len(agree)}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -270,9 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="rayrag-bench-") as tmp:
         app_args, passages = build_index_and_models(args, Path(tmp), config.app_args)
-        rng = np.random.default_rng(0)
-        picks = rng.integers(0, len(passages), args.requests)
-        questions = [f"What is known about {passages[i].title}?" for i in picks]
+        pool = question_pool(args, passages)
+        questions = [pool[i % len(pool)] for i in range(args.requests)]
         ceiling = generator_batching_ceiling(app_args, passages, body, max(args.levels))
         serve.start(
             http_options={"host": "127.0.0.1", "port": port},
@@ -281,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             deploy(app_args, batching=True)
             on = run_levels(url, questions, args.levels, body, "on")
+            loop = {"loop_p50_s": None, "loop_answers_agree": None}
+            if args.loop_questions:
+                loop = loop_reference(url, app_args["models"]["generator"], pool[: args.loop_questions], body)
             deploy(app_args, batching=False)
             off = run_levels(url, questions, [max(args.levels)], body, "off")
             serve.run(FloorIngress.bind(Echo.bind(), Echo.bind()), name="bench", route_prefix="/")
@@ -289,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             serve.shutdown()
     by_level = {r["concurrency"]: r for r in on}
     top = max(args.levels)
+    c1_s = by_level[1]["p50_ms"] / 1000 if 1 in by_level else None
     summary = {
         "models": "default" if args.default_models else "tiny",
         "requests": args.requests,
@@ -299,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         / off[0]["throughput_rps"],
         f"generator_batching_ceiling_b{top}": ceiling,
         "p99_ms_c8": by_level.get(8, {}).get("p99_ms"),
+        "answer_p50_s_c1": c1_s,
+        **loop,
+        "loop_speedup": loop["loop_p50_s"] / c1_s if c1_s and loop["loop_p50_s"] else None,
+        "answers_per_s_c8": by_level.get(8, {}).get("throughput_rps"),
+        "answers_per_s_c16": by_level.get(16, {}).get("throughput_rps"),
         "levels": on + off,
     }
     print(json.dumps(summary))

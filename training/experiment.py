@@ -211,22 +211,31 @@ def build_versions(folder: Path, index_root: Path, doc_encoder: str) -> dict:
 
 
 def evaluate_settings(
-    rag: RagModel, group: Any, examples: list[QAExample], cfg: ExperimentEval, settings: list[str]
+    rag: RagModel,
+    group: Any,
+    examples: list[QAExample],
+    cfg: ExperimentEval,
+    rows: dict[str, tuple[int, ...]],
 ) -> dict:
-    """`rayrag eval`'s report for these settings, with rows for the top-1 passage and n_docs."""
+    """`rayrag eval`'s report for each setting at its n_docs (a row each; closed-book reads one empty
+    passage), all with the same decoding."""
     from training.evaluate import EvalConfig, evaluate
 
-    eval_cfg = EvalConfig.parse(
-        {
-            "n_docs": sorted({1, cfg.n_docs}),
-            "settings": settings,
-            "batch_size": cfg.batch_size,
-            "num_beams": cfg.num_beams,
-            "max_new_tokens": cfg.max_new_tokens,
-            "decoding": cfg.decoding,
-        }
-    )
-    return evaluate(rag, group, examples, eval_cfg, group.manifest.count)
+    report: dict = {}
+    for setting, n_docs in rows.items():
+        eval_cfg = EvalConfig.parse(
+            {
+                "n_docs": n_docs,
+                "settings": [setting],
+                "batch_size": cfg.batch_size,
+                "num_beams": cfg.num_beams,
+                "max_new_tokens": cfg.max_new_tokens,
+                "decoding": cfg.decoding,
+            }
+        )
+        part = evaluate(rag, group, examples, eval_cfg, group.manifest.count)
+        report = part | {"settings": report.get("settings", {}) | part["settings"]}
+    return report
 
 
 def _inference_model(module: Any, precision: Precision) -> RagModel:
@@ -267,7 +276,7 @@ def swap_eval(
     rows = {}
     for name in ("mismatched", "matching"):
         group.swap(versions[name])
-        rows[name] = evaluate_settings(rag, group, examples, cfg, ["rag_sequence"])
+        rows[name] = evaluate_settings(rag, group, examples, cfg, {"rag_sequence": (cfg.n_docs,)})
         rows[name]["version"] = group.version
     return rows
 
@@ -317,7 +326,7 @@ class Experiment:
         return write_report(results, self.out)
 
     def _evaluations(self, group: Any, test: list[QAExample], versions: dict) -> dict:
-        cfg, precision = self.cfg, self.cfg.eval.precision
+        cfg, precision, k = self.cfg, self.cfg.eval.precision, self.cfg.eval.n_docs
         results = {
             "zero_shot": self.stage(
                 "zero_shot",
@@ -326,7 +335,7 @@ class Experiment:
                     group,
                     test,
                     cfg.eval,
-                    ["closed_book", "rag_sequence"],
+                    {"closed_book": (1,), "rag_sequence": (k,)},
                 ),
             ),
             "train_rag": self.stage("train_rag", lambda: train_run(cfg.train_config(self.out, False))),
@@ -336,7 +345,10 @@ class Experiment:
         }
         rag = trained_model(results["train_rag"]["checkpoint"], precision)
         results["fine_tuned"] = self.stage(
-            "fine_tuned", lambda: evaluate_settings(rag, group, test, cfg.eval, ["rag_token", "rag_sequence"])
+            "fine_tuned",
+            lambda: evaluate_settings(
+                rag, group, test, cfg.eval, {"rag_token": (k,), "rag_sequence": tuple(sorted({1, k}))}
+            ),
         )
         results["closed_book"] = self.stage(
             "closed_book",
@@ -345,7 +357,7 @@ class Experiment:
                 group,
                 test,
                 cfg.eval,
-                ["closed_book"],
+                {"closed_book": (1,)},
             ),
         )
         results["swap"] = self.stage("swap", lambda: swap_eval(rag, group, test, cfg.eval, versions))

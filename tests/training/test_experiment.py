@@ -79,7 +79,8 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
     # fine-tuned RAG-Sequence row again (same model, index version and decoding)
     assert swap["mismatched"]["version"] == index["mismatched"]
     assert swap["matching"]["version"] == index["matching"]
-    assert swap["matching"]["settings"]["rag_sequence"] == report["fine_tuned"]["settings"]["rag_sequence"]
+    matching, fine_tuned = swap["matching"]["settings"], report["fine_tuned"]["settings"]
+    assert matching["rag_sequence"]["by_n_docs"]["2"] == fine_tuned["rag_sequence"]["by_n_docs"]["2"]
     for run in ("train_rag", "train_closed_book"):
         losses = [json.loads(row) for row in Path(report[run]["history"]).read_text().splitlines()]
         assert sum("loss" in row for row in losses) == 2
