@@ -316,7 +316,9 @@ class Experiment:
             "index", lambda: build_versions(data_dir, index_root, cfg.models.doc_encoder)
         )
         test = load_qa(str(data_dir / "test.jsonl"))
-        group = ShardGroup(ShardGroupConfig(index_root=str(index_root)), results["index"]["matching"])
+        # the evaluations' shard actors reserve no CPU: the training runs in between need them all
+        searching = ShardGroupConfig(index_root=str(index_root), shard_cpus=0)
+        group = ShardGroup(searching, results["index"]["matching"])
         try:
             results |= self._evaluations(group, test, results["index"])
         finally:

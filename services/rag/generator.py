@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -348,6 +349,51 @@ def _context_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor
     return contexts, width, torch.empty_like(sorted_slot).index_copy_(0, order, sorted_slot)
 
 
+class _BeamLayer(DynamicLayer):
+    """One layer's keys and values while beams decode a prompt: kept in a buffer with room to grow,
+    so a step writes its token in place instead of copying the cache, and a beam reorder moves only
+    the generated positions (the beams of one prompt share its keys, so those never move)."""
+
+    ROOM = 32  # positions added whenever the buffer is full
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.prompt = keys.shape[2]
+        self.key_buffer, self.value_buffer = self._with_room(keys, 0), self._with_room(values, 0)
+        self._show(self.prompt)
+
+    def _with_room(self, states: torch.Tensor, more: int) -> torch.Tensor:
+        """A (R, h, n + room, d) buffer starting with `states` (R, h, n, d)."""
+        r, h, n, d = states.shape
+        buffer = states.new_empty(r, h, n + max(self.ROOM, more), d)
+        buffer[:, :, :n] = states
+        return buffer
+
+    def _show(self, length: int) -> None:
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        if end > self.key_buffer.shape[2]:
+            more = key_states.shape[2]
+            self.key_buffer, self.value_buffer = (
+                self._with_room(self.keys, more),
+                self._with_room(self.values, more),
+            )
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self._show(end)
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        generated = slice(self.prompt, self.keys.shape[2])
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[:, :, generated] = buffer[:, :, generated].index_select(0, beam_idx)
+
+
 class CausalGenerator(Generator):
     """Decoder-only: the prompt holds the passage and the question (chat template when there is one)."""
 
@@ -422,9 +468,12 @@ class CausalGenerator(Generator):
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B*K, V)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         rows = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(copies)  # (R,)
-        out.cache.reorder_cache(rows)
+        cache = DynamicCache()
+        cache.layers = [
+            _BeamLayer(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv
+        ]
         prefix = {"kv": kv, "mask": mask, "first": first}
-        return DecodeState(out.cache, mask[rows], prefix=prefix), first[rows]
+        return DecodeState(cache, mask[rows], prefix=prefix), first[rows]
 
     @torch.no_grad()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
