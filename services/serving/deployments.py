@@ -97,14 +97,19 @@ class RetrieverConfig(DeploymentConfig, ServedIndex):
     query_encoder: str = "default"
 
 
-class GeneratorConfig(DeploymentConfig):
+class GeneratorArgs(DeploymentConfig):
+    """deploy.yaml's `args.generator`: its replicas, and the threads of a batch that has the replica
+    to itself (no other request held), so that a lone request uses every core (None: always
+    `torch_threads`)."""
+
+    torch_threads_alone: int | None = Field(None, ge=1)
+
+
+class GeneratorConfig(GeneratorArgs):
     """The generator: a name or a path (e.g. a checkpoint's export); doc scores come with requests."""
 
     generator: str = "default"
     precision: Precision = "auto"  # the generator's weights (services/rag/precision.py)
-    # Threads for a batch that has the replica to itself (no other request held): a lone request
-    # then uses every core. None: always `torch_threads`.
-    torch_threads_alone: int | None = Field(None, ge=1)
 
 
 class LimitsConfig(Config):
@@ -126,6 +131,7 @@ class ModelsArgs(Config):
 
     query_encoder: str = "default"
     generator: str = "default"
+    precision: Precision = "auto"  # the generator's weights
 
 
 class AppArgs(Config):
@@ -134,7 +140,7 @@ class AppArgs(Config):
     index: IndexArgs = Field(default_factory=IndexArgs)
     models: ModelsArgs = Field(default_factory=ModelsArgs)
     retriever: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    generator: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    generator: GeneratorArgs = Field(default_factory=GeneratorArgs)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     admin_token: str | None = None
 
@@ -155,7 +161,11 @@ class AppConfig(Config):
             {**parsed.retriever.model_dump(), **served, "query_encoder": parsed.models.query_encoder}
         )
         generator = GeneratorConfig.model_validate(
-            {**parsed.generator.model_dump(), "generator": parsed.models.generator}
+            {
+                **parsed.generator.model_dump(),
+                "generator": parsed.models.generator,
+                "precision": parsed.models.precision,
+            }
         )
         ingress = IngressConfig(admin_token=parsed.admin_token, limits=parsed.limits)
         return cls(retriever=retriever, generator=generator, ingress=ingress)
