@@ -112,6 +112,8 @@ def test_app_config_from_deploy_yaml_and_bad_args():
     assert config.generator.deployment_options()["autoscaling_config"]["max_replicas"] >= 1
     assert config.retriever.query_encoder == "default" and config.generator.generator == "default"
     assert config.retriever.shard_cpus == 0.25 and config.retriever.batch.max_batch_size == 32
+    assert (config.generator.torch_threads, config.generator.torch_threads_alone) == (1, 2)
+    assert config.generator.precision == "auto"
     with pytest.raises(ValueError, match="unknown config key 'args.modles'"):
         AppConfig.from_args({"modles": {}})
     with pytest.raises(ValueError, match="'args.generator.batch.max_batch_size' must be >= 1, got 0"):
