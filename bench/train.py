@@ -100,7 +100,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     from training.modules import build_train_module
 
     module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).train()
-    optimizer = make_optimizer(module, cfg.optimizer.lr, cfg.optimizer.weight_decay)
+    optimizer = make_optimizer(module, cfg.optimizer)
     examples = load_qa(cfg.data.train)
     group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus))
     search = lambda queries, k: group.search(queries, k, return_vectors=True)  # noqa: E731

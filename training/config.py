@@ -55,6 +55,7 @@ class ModelsConfig(Section):
 
 class OptimizerConfig(Section):
     lr: float = Field(1e-5, gt=0)
+    query_encoder_lr: float | None = Field(None, gt=0)  # None: lr (a small one keeps retrieval stable)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables clipping
 

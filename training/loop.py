@@ -23,7 +23,7 @@ import torch.distributed as dist
 from services.rag.precision import resolve_dtype
 from services.rag.retrieval import Search, closed_book_search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
-from training.config import RefreshSchedule, TrainConfig
+from training.config import OptimizerConfig, RefreshSchedule, TrainConfig
 from training.data import QAExample
 from training.modules import RagTrainModule, apply_compute, build_train_module
 from training.tasks import get_task
@@ -81,9 +81,15 @@ def share_weight(share: int, world: int, batch_size: int) -> float:
     return share * world / batch_size
 
 
-def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def make_optimizer(module: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the query encoder's at `query_encoder_lr` when set."""
+    encoder = {id(p) for p in unwrap(module).rag.query_encoder.parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in encoder]},
+        {"params": [p for p in trainable if id(p) in encoder], "lr": cfg.query_encoder_lr or cfg.lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def unwrap(module: torch.nn.Module) -> RagTrainModule:
@@ -205,7 +211,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     apply_compute(module, cfg.compute)
     state, checkpoint_path = _restore(module, loop_config["refresher"], rank)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = make_optimizer(model, cfg.optimizer.lr, cfg.optimizer.weight_decay)
+    optimizer = make_optimizer(model, cfg.optimizer)
     if state is not None:
         with ray.train.get_checkpoint().as_directory() as directory:
             load_optimizer_state(directory, optimizer)

@@ -1,4 +1,4 @@
-"""Training's compute options on tiny generators: which parameters learn."""
+"""Which parameters learn, and at which rate: training's compute and optimiser options on tiny models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 
 from services.rag.loading import load_generator
 from tests.tiny_models import save_tiny_generator
-from training.modules import train_top_layers
+from training.config import ModelsConfig, OptimizerConfig
+from training.loop import make_optimizer
+from training.modules import build_train_module, train_top_layers
 
 
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])
@@ -26,3 +28,14 @@ def test_train_top_layers_leaves_only_the_top_blocks_and_final_norm_learning(kin
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="train_generator_layers=4 exceeds the generator's 3 blocks"):
         train_top_layers(model, 4)
+
+
+def test_the_query_encoder_learns_at_its_own_rate(toy):
+    models = ModelsConfig(query_encoder=toy.encoder, doc_encoder=toy.encoder, generator=toy.generator)
+    module = build_train_module(models, "sequence", train_doc_encoder=False)
+    for own, expected in ((1e-5, 1e-5), (None, 1e-3)):
+        optimizer = make_optimizer(module, OptimizerConfig(lr=1e-3, query_encoder_lr=own))
+        rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        assert len(rates) == sum(p.requires_grad for p in module.parameters())
+        assert {rates[id(p)] for p in module.rag.query_encoder.parameters()} == {expected}
+        assert {rates[id(p)] for p in module.rag.generator.parameters()} == {1e-3}

@@ -56,7 +56,7 @@ def train(cfg: TrainConfig, search: Search) -> tuple[RagTrainModule, list[float]
     torch.manual_seed(cfg.schedule.seed)
     module = build_train_module(cfg.models, cfg.mode, train_doc_encoder=False).train()
     module.rag.query_encoder.requires_grad_(False)  # retrieval works by title-token overlap already
-    optimizer = make_optimizer(module, cfg.optimizer.lr, cfg.optimizer.weight_decay)
+    optimizer = make_optimizer(module, cfg.optimizer)
     examples = load_qa(cfg.data.train)
     losses = []
     for step in range(cfg.schedule.steps):
