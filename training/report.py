@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from training.evaluate import read_history
 
 # (row name, stage, setting, n_docs row or None for the setting's own row)
@@ -17,6 +19,7 @@ ROWS = (
     ("RAG-Sequence, fine-tuned", "fine_tuned", "rag_sequence", None),
 )
 RECALL_KS = ("1", "5", "10")
+SMOOTHING = 10  # steps in the loss plot's running mean
 
 
 def _metrics(report: dict, setting: str, n_docs: str | None) -> dict:
@@ -104,8 +107,11 @@ def write_plots(results: dict, out: Path) -> list[str]:
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for run, label in (("train_rag", "RAG-Sequence"), ("train_closed_book", "closed-book")):
         steps, losses = read_history(results[run]["history"])
-        axes.plot(steps, losses, label=label)
-    axes.set(xlabel="step", ylabel="training NLL", title="training loss")
+        window = min(SMOOTHING, len(losses))
+        line = axes.plot(steps, losses, alpha=0.3)[0]
+        mean = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axes.plot(steps[window - 1 :], mean, color=line.get_color(), label=f"{label} ({window}-step mean)")
+    axes.set(xlabel="step", ylabel="training NLL (nats per answer)", title="training loss")
     axes.legend()
     save(figure, "loss.png")
 
