@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,11 @@ from cluster.runtime import init_ray
 
 if TYPE_CHECKING:
     from training.modules import RagTrainModule
+
+
+def show_progress() -> None:
+    """Progress lines (the stages, every few evaluation batches) on the console."""
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -82,6 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "task": args.task,
         }
     )
+    show_progress()
     data = get_task(cfg.task).load(args.data)
     cfg = with_labels(cfg, data)  # classify: the label words of the whole file, before --limit
     examples = data[: args.limit]
@@ -129,12 +136,10 @@ def run_export(args: argparse.Namespace) -> int:
 def run_experiment(args: argparse.Namespace) -> int:
     """Every stage of the experiment (resuming a finished or interrupted one), the report, then its
     summary as the last line."""
-    import logging
-
     from training.experiment import Experiment, load_experiment
 
     cfg = load_experiment(args.preset, args.config)  # config errors surface before Ray starts
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    show_progress()
     init_ray()
     out = Path(args.out)
     line = Experiment(cfg, out).run()
