@@ -70,7 +70,7 @@ def app(ray_session, tmp_path_factory):
     )
     args = {
         "index": {"root": str(root), "follow_s": 0.3},
-        "models": {"query_encoder": encoder, "generator": generator},
+        "models": {"query_encoder": encoder, "generator": generator, "precision": "float32"},  # as in process
         "retriever": {"num_cpus": 0.5},
         "generator": {"num_cpus": 0.5},
         "admin_token": TOKEN,
