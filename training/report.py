@@ -47,8 +47,9 @@ def table_rows(results: dict) -> list[tuple[str, float, float]]:
 def summary(results: dict) -> dict:
     """The command's last line: EM in percent per setting, recall@5 before/after, minutes."""
 
-    def em(stage: str, setting: str, n_docs: str | None = None) -> float:
-        return _percent(_metrics(results[stage], setting, n_docs)["em"])
+    def em(report: str | dict, setting: str, n_docs: str | None = None) -> float:
+        report = results[report] if isinstance(report, str) else report
+        return _percent(_metrics(report, setting, n_docs)["em"])
 
     return {
         "rag_sequence_em": em("fine_tuned", "rag_sequence"),
@@ -57,17 +58,13 @@ def summary(results: dict) -> dict:
         "zero_shot_rag_em": em("zero_shot", "rag_sequence"),
         "zero_shot_closed_book_em": em("zero_shot", "closed_book"),
         "top1_read_em": em("fine_tuned", "rag_sequence", "1"),
-        "swap_matching_em": _swap_em(results, "matching"),
-        "swap_mismatched_em": _swap_em(results, "mismatched"),
+        "swap_matching_em": em(results["swap"]["matching"], "rag_sequence"),
+        "swap_mismatched_em": em(results["swap"]["mismatched"], "rag_sequence"),
         "recall_at_5_before": _percent(results["zero_shot"]["recall"]["5"]),
         "recall_at_5_after": _percent(results["fine_tuned"]["recall"]["5"]),
         "test_questions": results["data"]["test_questions"],
         "minutes": round(sum(stage.get("seconds", 0.0) for stage in results.values()) / 60, 1),
     }
-
-
-def _swap_em(results: dict, side: str) -> float:
-    return _percent(_metrics(results["swap"][side], "rag_sequence", None)["em"])
 
 
 def markdown(results: dict) -> str:
