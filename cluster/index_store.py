@@ -1,14 +1,24 @@
-"""On-disk index versions: manifest, checksums, atomic commit and publish via a pointer file."""
+"""Index versions under a root (local path or object-store URI): manifest, checksums, commit, publish.
+
+A version becomes visible only complete: its files are written first, its manifest last (a local
+version directory is renamed into place; an object-store version is uploaded file by file, manifest
+last), and the PUBLISHED pointer is written after that.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cluster import storage
 
 MANIFEST = "manifest.json"
 POINTER = "PUBLISHED"
@@ -27,6 +37,7 @@ class ShardManifest:
     id_max: int
     files: dict[str, str]  # "index", "ids", "passages", "offsets", optionally "vectors"
     sha256: dict[str, str]  # file name → hex digest
+    sizes: dict[str, int] = field(default_factory=dict)  # file name → bytes (filled by commit_version)
 
 
 @dataclass(frozen=True)
@@ -60,42 +71,50 @@ def check_version_name(version: str) -> str:
 
 
 def version_dir(root: str | Path, version: str) -> Path:
+    """A version's directory under a local root (use `version_location` for any root)."""
+    if storage.is_uri(root):
+        raise ValueError(f"{str(root)!r} is an object-store root, not a local directory")
     return Path(root) / check_version_name(version)
+
+
+def version_location(root: str | Path, version: str) -> str:
+    """A version's directory (local root) or prefix (object-store root)."""
+    return storage.join(root, check_version_name(version))
 
 
 def list_versions(root: str | Path) -> list[str]:
     """Complete versions (a version directory holding a manifest), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p.name for p in root.iterdir() if _VERSION.match(p.name) and (p / MANIFEST).is_file()]
+    found = [
+        name
+        for name in storage.list_names(root)
+        if _VERSION.match(name) and storage.exists(storage.join(root, name, MANIFEST))
+    ]
     return sorted(found, key=lambda name: int(name[1:]))
 
 
 def published_version(root: str | Path) -> str | None:
     """The version the pointer file names, or None when nothing was published."""
-    pointer = Path(root) / POINTER
-    if not pointer.is_file():
+    pointer = storage.join(root, POINTER)
+    if not storage.exists(pointer):
         return None
-    return check_version_name(pointer.read_text(encoding="utf-8").strip())
+    return check_version_name(storage.read_bytes(pointer).decode("utf-8").strip())
 
 
-def check_index_root(root: str | Path) -> Path:
-    """Raise ValueError naming `root` unless it holds at least one complete version."""
-    path = Path(root)
-    if not path.is_dir() or not list_versions(path):
+def check_index_root(root: str | Path) -> str:
+    """`root` as given; ValueError naming it unless it holds at least one complete version."""
+    if not list_versions(root):
         raise ValueError(
             f"{str(root)!r} is not an index root (no complete version directory v000N/{MANIFEST})"
         )
-    return path
+    return str(root)
 
 
 def load_manifest(root: str | Path, version: str) -> Manifest:
-    path = version_dir(root, version) / MANIFEST
-    if not path.is_file():
+    path = storage.join(version_location(root, version), MANIFEST)
+    if not storage.exists(path):
         raise ValueError(f"index version {version!r} not found under {str(root)!r} (no {path})")
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        manifest = Manifest.from_dict(json.loads(storage.read_bytes(path).decode("utf-8")))
     except (json.JSONDecodeError, TypeError, KeyError) as error:
         raise ValueError(f"index version {version!r}: unreadable manifest {path}: {error}") from error
     if manifest.version != version:
@@ -117,16 +136,24 @@ def verify_shard_files(directory: str | Path, shard: ShardManifest) -> None:
         path = Path(directory) / name
         if not path.is_file():
             raise ValueError(f"shard {shard.shard}: file {str(path)!r} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ValueError(
-                f"shard {shard.shard}: checksum mismatch for {str(path)!r} "
-                f"(manifest {expected[:12]}…, file {actual[:12]}…)"
-            )
+        check_checksum(path, expected, shard.shard)
+
+
+def check_checksum(path: str | Path, expected: str, shard: int) -> None:
+    """Raise ValueError naming the file when its SHA-256 is not `expected`."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(
+            f"shard {shard}: checksum mismatch for {str(path)!r} "
+            f"(manifest {expected[:12]}…, file {actual[:12]}…)"
+        )
 
 
 def staging_dir(root: str | Path) -> Path:
-    """A fresh hidden directory inside `root` to write a version into before commit."""
+    """A fresh local directory to write a version into before commit: hidden inside a local root (so
+    that the commit is a rename), a temporary directory for an object-store root."""
+    if storage.is_uri(root):
+        return Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
     path = Path(root) / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     path.mkdir(parents=True)
     return path
@@ -140,11 +167,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _with_sizes(manifest: Manifest, staged: Path) -> Manifest:
+    """The manifest with each shard file's size in bytes, read from the staged directory."""
+    shards = tuple(
+        dataclasses.replace(s, sizes={name: (staged / name).stat().st_size for name in s.sha256})
+        for s in manifest.shards
+    )
+    return dataclasses.replace(manifest, shards=shards)
+
+
+def _next_number(root: str | Path) -> int:
+    """One past the highest version name under `root`, complete or not (a half-written one keeps
+    its number)."""
+    names = [name for name in storage.list_names(root) if _VERSION.match(name)]
+    return max((int(name[1:]) for name in names), default=0) + 1
+
+
 def commit_version(root: str | Path, staged: Path, manifest: Manifest) -> str:
-    """Write the manifest last, then rename the staged directory to the next free version name."""
+    """Make the staged local directory the next version under `root` and return its name; the staged
+    directory is consumed. Files first, manifest last, so no reader sees a partial version."""
+    manifest = _with_sizes(manifest, Path(staged))
+    if storage.is_uri(root):
+        return _upload_version(str(root), Path(staged), manifest)
     root = Path(root)
-    existing = list_versions(root) + [p.name for p in root.iterdir() if _VERSION.match(p.name)]
-    number = max((int(name[1:]) for name in existing), default=0) + 1
+    number = _next_number(root)
     while True:
         version = f"v{number:04d}"
         data = json.loads(manifest.to_json()) | {"version": version}
@@ -161,13 +207,31 @@ def commit_version(root: str | Path, staged: Path, manifest: Manifest) -> str:
         return version
 
 
+def _upload_version(root: str, staged: Path, manifest: Manifest) -> str:
+    """Upload every staged file under the next free version prefix, then the manifest.
+
+    An object store has no rename, so one writer per root at a time: a prefix that already holds
+    objects (another upload, or a dead one) is skipped, not overwritten."""
+    number = _next_number(root)
+    while storage.list_names(storage.join(root, f"v{number:04d}")):
+        number += 1
+    version = f"v{number:04d}"
+    location = version_location(root, version)
+    for shard in manifest.shards:
+        for name in shard.sha256:
+            storage.upload(staged / name, storage.join(location, name))
+    data = json.loads(manifest.to_json()) | {"version": version}
+    storage.write_bytes(storage.join(location, MANIFEST), json.dumps(data, indent=1).encode("utf-8"))
+    shutil.rmtree(staged, ignore_errors=True)
+    return version
+
+
 def publish(root: str | Path, version: str) -> None:
     """Atomically point `root`'s pointer file at an existing complete version."""
     load_manifest(root, version)
-    tmp = Path(root) / f"{_TMP_PREFIX}{POINTER}-{uuid.uuid4().hex}"
-    tmp.write_text(version + "\n", encoding="utf-8")
-    os.replace(tmp, Path(root) / POINTER)
-    _fsync_dir(Path(root))
+    storage.write_bytes(storage.join(root, POINTER), (version + "\n").encode("utf-8"))
+    if not storage.is_uri(root):
+        _fsync_dir(Path(root))
 
 
 def resolve_version(root: str | Path, version: str | None) -> str:

@@ -33,3 +33,8 @@ REPLICA_RESTARTS = Counter(
     description="Shard replica actors started in place of dead ones.",
     tag_keys=("version", "shard"),
 )
+REPLICA_UP = Gauge(
+    "rayrag_shard_replica_up",
+    description="1 for a shard replica serving on the node named by the `node` tag, 0 once it died.",
+    tag_keys=("version", "shard", "node"),
+)

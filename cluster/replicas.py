@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.metrics import REPLICA_DEATHS, REPLICA_RESTARTS
+from cluster.metrics import REPLICA_DEATHS, REPLICA_RESTARTS, REPLICA_UP
+from cluster.placement import choose_node
 from cluster.shard import Shard, ShardConfig
 
 RemoteShard = ray.remote(Shard)
@@ -25,6 +28,7 @@ class Replica:
     handle: ray.actor.ActorHandle
     ready: ray.ObjectRef  # health() of the freshly started actor
     shard: int
+    node: str | None = None  # the node it was placed on (None: left to Ray)
     state: str = "starting"  # starting | ready | dead
     inflight: int = 0
     serial: int = field(default_factory=itertools.count().__next__)  # unique per started actor
@@ -36,7 +40,10 @@ class Replica:
 
 class ReplicaSet:
     """R replicas of each shard of one version; calls go to the least loaded live replica, and a dead
-    replica is restarted (at most once per backoff) until the set is stopped."""
+    replica is restarted (at most once per backoff) until the set is stopped.
+
+    With `place` each replica is pinned (softly) to a node: the replicas of one shard to distinct
+    nodes while the cluster has enough, the shards spread so that every node holds about as many."""
 
     def __init__(
         self,
@@ -44,12 +51,18 @@ class ReplicaSet:
         replicas: int,
         actor_options: dict[str, Any],
         restart_backoff_s: float,
+        place: bool = True,
     ) -> None:
         self.shards, self.actor_options, self.restart_backoff_s = shards, actor_options, restart_backoff_s
+        self.place = place
         self._lock = threading.Lock()
         self._rotation = itertools.count()
         self._stopped = False
-        self._rows = [[self._launch(shard) for _ in range(replicas)] for shard in range(len(shards))]
+        self._rows: list[list[Replica]] = [[] for _ in shards]
+        nodes = self._nodes()
+        for shard in range(len(shards)):
+            for _ in range(replicas):
+                self._rows[shard].append(self._launch(shard, nodes))
 
     @classmethod
     def start(
@@ -59,9 +72,10 @@ class ReplicaSet:
         actor_options: dict[str, Any],
         restart_backoff_s: float,
         timeout_s: float,
+        place: bool = True,
     ) -> ReplicaSet:
         """Launch every replica and wait until all pass their health check; else stop them, ValueError."""
-        started = cls(shards, replicas, actor_options, restart_backoff_s)
+        started = cls(shards, replicas, actor_options, restart_backoff_s, place)
         flat = [replica for row in started._rows for replica in row]
         try:
             infos = ray.get([replica.ready for replica in flat], timeout=timeout_s)
@@ -72,12 +86,36 @@ class ReplicaSet:
                 f"index version {shards[0].version!r} refused: a shard failed to start: {cause[0]}"
             ) from error
         for replica, info in zip(flat, infos):
-            replica.state, replica.info = "ready", info
+            started._set_ready(replica, info)
         return started
 
-    def _launch(self, shard: int) -> Replica:
-        handle = RemoteShard.options(**self.actor_options).remote(self.shards[shard])
-        return Replica(handle=handle, ready=handle.health.remote(), shard=shard)
+    def _nodes(self) -> list[str]:
+        """Alive nodes with CPUs enough for one replica (none when placement is left to Ray)."""
+        if not self.place:
+            return []
+        need = self.actor_options.get("num_cpus", 1)
+        return [
+            node["NodeID"]
+            for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("CPU", 0) >= need
+        ]
+
+    def _launch(self, shard: int, nodes: list[str]) -> Replica:
+        """Start one replica of `shard`, on the least loaded node not holding a live one of it."""
+        live = [r for row in self._rows for r in row if r.state != "dead" and r.node is not None]
+        avoid = [r.node for r in live if r.shard == shard]
+        node = choose_node(nodes, Counter(r.node for r in live), avoid)
+        options = dict(self.actor_options)
+        if node is not None:  # soft: a node that is gone or full does not stop the replica starting
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node, soft=True, _spill_on_unavailable=True
+            )
+        handle = RemoteShard.options(**options).remote(self.shards[shard])
+        return Replica(handle=handle, ready=handle.health.remote(), shard=shard, node=node)
+
+    def _set_ready(self, replica: Replica, info: dict) -> None:
+        replica.state, replica.info = "ready", info
+        REPLICA_UP.set(1, tags=self._tags(replica.shard) | {"node": str(info.get("node_id"))})
 
     def _refresh(self, shard: int, probe: bool = False) -> None:
         """Promote started replicas, restart dead ones once their backoff is over; with `probe`
@@ -86,14 +124,14 @@ class ReplicaSet:
         for slot, replica in enumerate(self._rows[shard]):
             if replica.state == "starting" and ray.wait([replica.ready], timeout=0)[0]:
                 try:
-                    replica.info, replica.state = ray.get(replica.ready), "ready"
+                    self._set_ready(replica, ray.get(replica.ready))
                 except (RayActorError, RayTaskError):
                     replica.state = "dead"
             if probe and replica.state == "ready" and not self._probe(replica):
                 self._mark_dead(replica, tags)
             backoff_over = time.monotonic() - replica.started_at >= self.restart_backoff_s
             if replica.state == "dead" and not self._stopped and backoff_over:
-                self._rows[shard][slot] = self._launch(shard)
+                self._rows[shard][slot] = self._launch(shard, self._nodes())
                 REPLICA_RESTARTS.inc(tags=tags)
 
     @staticmethod
@@ -114,6 +152,7 @@ class ReplicaSet:
         replica.state = "dead"
         ray.kill(replica.handle, no_restart=True)
         REPLICA_DEATHS.inc(tags=tags)
+        REPLICA_UP.set(0, tags=tags | {"node": str(replica.info.get("node_id"))})
 
     def _tags(self, shard: int) -> dict[str, str]:
         return {"version": self.shards[shard].version, "shard": str(shard)}
@@ -138,7 +177,7 @@ class ReplicaSet:
                 self._mark_dead(replica, self._tags(replica.shard))
 
     def states(self) -> list[list[dict]]:
-        """Per shard, per replica: state, in-flight calls, node and pid."""
+        """Per shard, per replica: state, in-flight calls, node (id and address) and pid."""
         with self._lock:
             for shard in range(len(self._rows)):
                 self._refresh(shard, probe=True)
@@ -148,6 +187,7 @@ class ReplicaSet:
                         "state": r.state,
                         "inflight": r.inflight,
                         "node_id": r.info.get("node_id"),
+                        "node_ip": r.info.get("node_ip"),
                         "pid": r.info.get("pid"),
                     }
                     for r in row
@@ -165,4 +205,7 @@ class ReplicaSet:
             for row in self._rows:
                 for replica in row:
                     ray.kill(replica.handle, no_restart=True)
+                    if replica.state == "ready":
+                        tags = self._tags(replica.shard) | {"node": str(replica.info.get("node_id"))}
+                        REPLICA_UP.set(0, tags=tags)
                     replica.state = "dead"

@@ -13,7 +13,8 @@ import numpy as np
 from pydantic import ConfigDict, Field
 
 from cluster.config import Config
-from cluster.index_store import load_manifest, verify_shard_files, version_dir
+from cluster.index_store import load_manifest
+from cluster.shard_cache import cache_dir, shard_files
 
 MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY  # flat codes map the file
 
@@ -65,7 +66,8 @@ class ShardConfig(Config):
     shard: int = Field(ge=0)
     faiss_threads: int = Field(1, ge=1)
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 128}
-    verify_checksums: bool = True
+    verify_checksums: bool = True  # once per node and file, when fetched or first seen
+    cache_dir: str | None = None  # this node's shard file cache (None: see cluster.shard_cache.cache_dir)
     # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
     blas_threshold: int | None = Field(None, ge=1)
 
@@ -108,13 +110,14 @@ class Shard:
                 f"shard {config.shard} not in version {config.version} ({len(manifest.shards)} shards)"
             )
         self.manifest, self.entry = manifest, manifest.shards[config.shard]
-        directory = version_dir(config.index_root, config.version)
-        if config.verify_checksums:
-            verify_shard_files(directory, self.entry)
+        cache = cache_dir(config.cache_dir)
+        paths, self.fetched = shard_files(
+            config.index_root, config.version, self.entry, cache, config.verify_checksums
+        )
+        files = {role: str(path) for role, path in paths.items()}
         faiss.omp_set_num_threads(config.faiss_threads)
         if config.blas_threshold is not None:
             faiss.cvar.distance_compute_blas_threshold = config.blas_threshold
-        files = {role: str(directory / name) for role, name in self.entry.files.items()}
         self.index = faiss.read_index(files["index"], MMAP_FLAGS)
         apply_search_params(self.index, {**manifest.search_params, **config.search_params})
         self.ids = np.load(files["ids"], mmap_mode="r")  # (n,) int64
@@ -165,6 +168,8 @@ class Shard:
             "count": self.entry.count,
             "pid": os.getpid(),
             "node_id": _ray_node_id(),
+            "node_ip": _ray_node_ip(),
+            "fetched": self.fetched,  # files this replica fetched or checksummed (the first on its node)
             "faiss_threads": faiss.omp_get_max_threads(),
             "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold),
         }
@@ -192,3 +197,12 @@ def _ray_node_id() -> str | None:
     except ImportError:
         return None
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _ray_node_ip() -> str | None:
+    """The address of the Ray node hosting this process, when running inside Ray."""
+    try:
+        import ray.util
+    except ImportError:
+        return None
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None

@@ -40,8 +40,9 @@ class ShardGroupConfig(Config):
     start_timeout_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(60.0, gt=0)
     restart_backoff_s: float = Field(1.0, ge=0)
-    spread: bool = True  # SPREAD scheduling over nodes
-    verify_checksums: bool = True
+    spread: bool = True  # replicas of a shard on distinct nodes, shards spread over the nodes
+    verify_checksums: bool = True  # once per node and file (cluster/shard_cache.py)
+    cache_dir: str | None = None  # each node's shard file cache (None: cluster.shard_cache.cache_dir)
 
     @field_validator("index_root")
     @classmethod
@@ -96,13 +97,16 @@ class ShardGroup:
                 blas_threshold=cfg.blas_threshold,
                 search_params=cfg.search_params,
                 verify_checksums=cfg.verify_checksums,
+                cache_dir=cfg.cache_dir,
             )
             for shard in range(len(manifest.shards))
         ]
         options: dict = {"num_cpus": cfg.shard_cpus, "max_concurrency": 2}
         if cfg.spread:
             options["scheduling_strategy"] = "SPREAD"
-        replicas = ReplicaSet.start(shards, cfg.replicas, options, cfg.restart_backoff_s, cfg.start_timeout_s)
+        replicas = ReplicaSet.start(
+            shards, cfg.replicas, options, cfg.restart_backoff_s, cfg.start_timeout_s, place=cfg.spread
+        )
         return _Route(version=version, manifest=manifest, replicas=replicas)
 
     # ---- search ------------------------------------------------------------------------

@@ -10,6 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Shard actors and in-process shards cache and mark files here, not under the home directory."""
+    from cluster.shard_cache import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("shard-cache"))
+    yield
+    os.environ.pop(CACHE_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray started once per session (loopback only); shut down at the end."""
