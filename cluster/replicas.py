@@ -37,6 +37,11 @@ class Replica:
     probe: ray.ObjectRef | None = None  # a health() call in flight, while ready
     probed_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def node_id(self) -> str | None:
+        """The node it runs on once it reported, else the one it was placed on."""
+        return self.info.get("node_id") or self.node
+
 
 class ReplicaSet:
     """R replicas of each shard of one version; calls go to the least loaded live replica, and a dead
@@ -102,9 +107,9 @@ class ReplicaSet:
 
     def _launch(self, shard: int, nodes: list[str]) -> Replica:
         """Start one replica of `shard`, on the least loaded node not holding a live one of it."""
-        live = [r for row in self._rows for r in row if r.state != "dead" and r.node is not None]
-        avoid = [r.node for r in live if r.shard == shard]
-        node = choose_node(nodes, Counter(r.node for r in live), avoid)
+        live = [r for row in self._rows for r in row if r.state != "dead" and r.node_id is not None]
+        avoid = [r.node_id for r in live if r.shard == shard]
+        node = choose_node(nodes, Counter(r.node_id for r in live), avoid)
         options = dict(self.actor_options)
         if node is not None:  # soft: a node that is gone or full does not stop the replica starting
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(

@@ -35,3 +35,21 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_root() -> str:
+    """`s3://bucket` on a moto server on 127.0.0.1 (stopped at the end); the AWS variables point at it."""
+    from tests.s3_server import BUCKET, moto_server, s3_env
+
+    with moto_server() as endpoint:
+        saved = {key: os.environ.get(key) for key in s3_env(endpoint)}
+        os.environ.update(s3_env(endpoint))
+        try:
+            yield f"s3://{BUCKET}"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
