@@ -63,6 +63,7 @@ class ReplicaSet:
         self._lock = threading.Lock()
         self._rotation = itertools.count()
         self._stopped = False
+        self._addresses: dict[str, str] = {}  # node id → its address, as of the latest launch
         self._rows: list[list[Replica]] = [[] for _ in shards]
         nodes = self._nodes()
         for shard in range(len(shards)):
@@ -96,14 +97,12 @@ class ReplicaSet:
 
     def _nodes(self) -> list[str]:
         """Alive nodes with CPUs enough for one replica (none when placement is left to Ray)."""
+        alive = [node for node in ray.nodes() if node["Alive"]]
+        self._addresses.update((node["NodeID"], node["NodeManagerAddress"]) for node in alive)
         if not self.place:
             return []
         need = self.actor_options.get("num_cpus", 1)
-        return [
-            node["NodeID"]
-            for node in ray.nodes()
-            if node["Alive"] and node["Resources"].get("CPU", 0) >= need
-        ]
+        return [node["NodeID"] for node in alive if node["Resources"].get("CPU", 0) >= need]
 
     def _launch(self, shard: int, nodes: list[str]) -> Replica:
         """Start one replica of `shard`, on the least loaded node not holding a live one of it."""
@@ -192,7 +191,7 @@ class ReplicaSet:
                         "state": r.state,
                         "inflight": r.inflight,
                         "node_id": r.info.get("node_id"),
-                        "node_ip": r.info.get("node_ip"),
+                        "node_ip": self._addresses.get(r.info.get("node_id", "")),
                         "pid": r.info.get("pid"),
                     }
                     for r in row

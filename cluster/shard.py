@@ -168,7 +168,6 @@ class Shard:
             "count": self.entry.count,
             "pid": os.getpid(),
             "node_id": _ray_node_id(),
-            "node_ip": _ray_node_ip(),
             "fetched": self.fetched,  # files this replica fetched or checksummed (the first on its node)
             "faiss_threads": faiss.omp_get_max_threads(),
             "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold),
@@ -197,12 +196,3 @@ def _ray_node_id() -> str | None:
     except ImportError:
         return None
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _ray_node_ip() -> str | None:
-    """The address of the Ray node hosting this process, when running inside Ray."""
-    try:
-        import ray.util
-    except ImportError:
-        return None
-    return ray.util.get_node_ip_address() if ray.is_initialized() else None

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, field_validator
 from ray import serve
 
+from cluster import storage
 from cluster.config import Config
 from cluster.index_store import list_versions, published_version
 from services.rag.precision import Precision
@@ -67,8 +68,9 @@ class DeploymentConfig(Config):
 
 
 class ServedIndex(Config):
-    """The index a Retriever serves: the root's published version, followed every `follow_s`
-    seconds (0: off), or a pinned `version`; per shard, `shard_replicas` actors of `shard_cpus`."""
+    """The index a Retriever serves: the root's (a path, or an s3:// / gs:// URI) published version,
+    followed every `follow_s` seconds (0: off), or a pinned `version`; per shard, `shard_replicas`
+    actors of `shard_cpus`, on distinct nodes where the cluster has them."""
 
     index_root: str = Field(default_factory=default_index_root, alias="root")
     version: str | None = None
@@ -77,10 +79,12 @@ class ServedIndex(Config):
     faiss_threads: int = Field(1, ge=1)
     follow_s: float = Field(2.0, ge=0)
 
+    shard_cache_dir: str | None = None  # each node's shard file cache (None: cluster.shard_cache.cache_dir)
+
     @field_validator("index_root")
     @classmethod
     def _expand(cls, root: str) -> str:
-        return str(Path(root).expanduser())
+        return root if storage.is_uri(root) else str(Path(root).expanduser())
 
 
 class IndexArgs(ServedIndex):
@@ -230,6 +234,7 @@ class RetrieverDeployment:
                 replicas=config.shard_replicas,
                 shard_cpus=config.shard_cpus,
                 faiss_threads=config.faiss_threads,
+                cache_dir=config.shard_cache_dir,
             ),
             version=config.version,
         )

@@ -162,3 +162,30 @@ def test_serve_command_line_pins_an_index_version(tmp_path):
     assert config.retriever.follow_s == 0 and config.generator.generator == "trained/generator"
     with pytest.raises(ValueError, match="'v0003' is not in"):
         _ensure_index(AppArgs.parse(app_args).index)
+
+
+def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -> None:
+    """`rayrag serve --index-root s3://…` keeps the URI as given and serves the version published there
+    (no build); a shard cache directory from deploy.yaml reaches the Retriever's config."""
+    import shutil
+
+    import numpy as np
+
+    from cluster.index_build import build_index_from_vectors
+    from cluster.index_store import commit_version, load_manifest, publish, staging_dir, version_dir
+    from cluster.passages import Passage
+    from rayrag_cli import build_parser
+    from services.serving.cli import _ensure_index, serve_app_args
+
+    root = f"{s3_root}/served-by-cli"
+    vectors = np.eye(4, dtype=np.float32)
+    local = build_index_from_vectors(vectors, [Passage(i, "t", "p") for i in range(4)], tmp_path)
+    staged = staging_dir(root)
+    shutil.copytree(version_dir(tmp_path, local), staged, dirs_exist_ok=True)
+    publish(root, commit_version(root, staged, load_manifest(tmp_path, local)))
+    args = build_parser().parse_args(["serve", "--index-root", root])
+    app_args = serve_app_args(read_serve_file(), args)
+    app_args["index"]["shard_cache_dir"] = str(tmp_path / "cache")
+    config = AppConfig.from_args(app_args)
+    assert (config.retriever.index_root, config.retriever.shard_cache_dir) == (root, str(tmp_path / "cache"))
+    _ensure_index(AppArgs.parse(app_args).index)  # finds v0001 published: nothing to build

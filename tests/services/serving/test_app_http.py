@@ -240,6 +240,8 @@ def test_health_and_index(app):
     assert health.status_code == 200 and health.json()["index_version"] == index["version"] == "v0001"
     assert index["passages"] == 24 and index["shards"] == 2
     assert index["versions"] == ["v0001", "v0002"] and index["published"] == "v0001"
+    replicas = [replica for row in health.json()["shards"] for replica in row]
+    assert replicas and all(r["node_id"] and r["node_ip"] for r in replicas)  # each names its node
 
 
 BAD_INPUT = [
