@@ -1,5 +1,6 @@
 """Three Ray nodes (ray.cluster_utils.Cluster, in a subprocess), each with its own shard cache, serve an
-index whose root is on a local S3 server: placement, fetch-once, exact answers, failover under load."""
+index whose root is on a local S3 server: placement, fetch-once, exact answers, failover under load,
+and a swap to a version published there."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ SCRIPT = textwrap.dedent("""
 
     from cluster import storage
     from cluster.index_build import build_index_from_vectors
-    from cluster.index_store import (commit_version, list_versions, load_manifest, publish, staging_dir,
-                                     version_dir, version_location)
+    from cluster.index_store import (commit_version, list_versions, load_manifest, publish,
+                                     published_version, staging_dir, version_dir, version_location)
     from cluster.passages import Passage
     from cluster.shard_cache import CACHE_ENV
     from cluster.shard_group import ShardGroup, ShardGroupConfig
@@ -136,6 +137,12 @@ SCRIPT = textwrap.dedent("""
         survivor = next(w for w in workers if w.node_id != victim)
         report["removed"] = survivor.node_id
         report["removed_node"] = load_while(group, queries, reference, lambda: cluster.remove_node(survivor))
+        newer = to_object_store(local_root, root, vectors[::-1].copy())  # published past the half one
+        flat.reset()
+        flat.add(vectors[::-1].copy())
+        group.swap(published_version(root))
+        report["swapped"] = [newer, group.version, list_versions(root),
+                             bool(np.array_equal(group.search(queries, 10).ids, flat.search(queries, 10)[1]))]
         print(json.dumps(report))
         group.close()
         second.close()
@@ -173,6 +180,8 @@ def test_three_nodes_serve_an_object_store_index(tmp_path: Path) -> None:
     # a node removed while every shard had a ready replica on two nodes: no answer lost a shard
     removed = report["removed_node"]
     assert all(coverage == 1.0 and equal for coverage, equal in removed), removed
+    # a version published to the object store is swapped in and answers exactly
+    assert report["swapped"] == ["v0003", "v0003", ["v0001", "v0003"], True]
 
 
 def _check_placement(nodes: list[list[str]], health_nodes: list[list[str]], cluster_nodes: set[str]) -> None:
