@@ -11,6 +11,7 @@ import posixpath
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -32,7 +33,7 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(location).absolute())
     try:
         return pafs.FileSystem.from_uri(str(location))
-    except (pafs.ArrowInvalid, OSError) as error:  # type: ignore[attr-defined]
+    except (pa.ArrowInvalid, OSError) as error:
         raise ValueError(f"cannot open storage location {str(location)!r}: {error}") from error
 
 

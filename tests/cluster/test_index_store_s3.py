@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from cluster import storage
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import (
     MANIFEST,
+    check_index_root,
     commit_version,
     list_versions,
     load_manifest,
@@ -172,3 +174,9 @@ def test_manifest_is_the_last_object_written(root: str, tmp_path: Path, monkeypa
         assert list_versions(root) == expected
     files = sorted(name for shard in manifest.shards for name in shard.sha256)
     assert sorted(writes[:-1]) == files and writes[-1] == MANIFEST
+
+
+@pytest.mark.parametrize("root", ["s3:///no-bucket", "s3://no-such-bucket/x", "nosuch://b/x"])
+def test_bad_object_store_root_is_named(s3_root: str, root: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(root))):
+        check_index_root(root)
