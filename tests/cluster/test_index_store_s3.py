@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from cluster import storage
+from cluster.cli import run_list
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import (
     MANIFEST,
@@ -73,6 +75,17 @@ def test_commit_publish_and_half_uploaded_version(root: str, tmp_path: Path) -> 
     assert published_version(root) == first
     publish(root, third)
     assert published_version(root) == third and list_versions(root) == [first, third]
+
+
+def test_cli_lists_an_object_store_root(root: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    publish(root, _upload_local_version(tmp_path / "local", root, _vectors()))
+
+    class Args:  # `rayrag index list --index-root s3://…`
+        index_root = root
+
+    assert run_list(Args()) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert (row["version"], row["published"], row["shards"], row["count"]) == ("v0001", True, 2, 400)
 
 
 def test_shard_from_object_store_equals_flat_index(root: str, tmp_path: Path) -> None:
