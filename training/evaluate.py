@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -15,10 +14,11 @@ import torch
 from pydantic import ConfigDict, Field, PositiveInt
 
 from cluster.config import Config
+from cluster.fusion import RetrievalConfig
 from cluster.passages import Passage, passage_text
 from services.rag import retrieval
 from services.rag.model import Decoding, RagModel
-from services.rag.retrieval import Retrieved
+from services.rag.retrieval import DENSE, Retrieved, group_search
 from training.data import QAExample
 from training.metrics import recall_at_k
 from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
@@ -45,14 +45,26 @@ class EvalConfig(Config):
     labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
 
 
-def retrieve(rag: RagModel, shard_group: Any, questions: Sequence[str], k: int, batch_size: int) -> Retrieved:
+def retrieve(
+    rag: RagModel,
+    shard_group: Any,
+    questions: Sequence[str],
+    k: int,
+    batch_size: int,
+    config: RetrievalConfig = DENSE,
+) -> Retrieved:
     """Top-k passages and doc scores per question, `batch_size` questions per search, all from one index
-    version; `shard_group` is a ShardGroup (or anything with its search)."""
-    search = partial(shard_group.search, return_vectors=True)
+    version; `shard_group` is a ShardGroup (or anything with its search_retrievers)."""
+    search = group_search(shard_group)
     return Retrieved.concat(
         [
             retrieval.retrieve(
-                rag.query_encoder, search, questions[start : start + batch_size], k, rag.doc_score_scale
+                rag.query_encoder,
+                search,
+                questions[start : start + batch_size],
+                k,
+                rag.doc_score_scale,
+                retrieval=config,
             )
             for start in range(0, len(questions), batch_size)
         ]

@@ -98,7 +98,9 @@ def unwrap(module: torch.nn.Module) -> RagTrainModule:
 
 def actor_search(shard_group: Any) -> Search:
     """Search through a ShardGroup actor handle (what the workers hold)."""
-    return lambda queries, k: ray.get(shard_group.search.remote(queries, k, return_vectors=True))
+    return lambda queries, questions, k, parts: ray.get(
+        shard_group.search_retrievers.remote(queries, questions, k, parts, return_vectors=True)
+    )
 
 
 def forward_backward(
