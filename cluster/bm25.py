@@ -133,10 +133,15 @@ def shard_weights(counts: ShardCounts, stats: CorpusStats, params: Bm25Params) -
     return sp.csc_matrix((data.astype(np.float32), tf.indices, tf.indptr), tf.shape)
 
 
+def shard_files(shard: int) -> dict[str, str]:
+    """Role → file name of shard `shard`'s BM25 files."""
+    suffix = {role: "txt" if role == "bm25_vocab" else "npy" for role in FILES}
+    return {role: f"{role.replace('_', '-')}-{shard}.{suffix[role]}" for role in FILES}
+
+
 def write_shard(directory: Path, shard: int, counts: ShardCounts, weights: sp.csc_matrix) -> dict[str, str]:
     """Write one shard's weight matrix and its term list; returns role → file name."""
-    suffix = {role: "txt" if role == "bm25_vocab" else "npy" for role in FILES}
-    files = {role: f"{role.replace('_', '-')}-{shard}.{suffix[role]}" for role in FILES}
+    files = shard_files(shard)
     np.save(directory / files["bm25_data"], weights.data.astype(np.float32))
     np.save(directory / files["bm25_rows"], weights.indices.astype(np.int32))
     np.save(directory / files["bm25_indptr"], weights.indptr.astype(np.int64))
