@@ -7,8 +7,9 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
+from cluster.fusion import Retriever
 from cluster.runtime import init_ray
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens,
             "decoding": args.decoding,
             "task": args.task,
+            "retrieval": {"retriever": args.retriever},
         }
     )
     show_progress()
@@ -191,6 +193,9 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--doc-encoder", default="default")
     parser.add_argument("--generator", default="default")
     parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument(
+        "--retriever", choices=get_args(Retriever), default="dense", help="dense | bm25 | hybrid"
+    )
     parser.add_argument(
         "--settings",
         nargs="+",

@@ -43,6 +43,7 @@ class EvalConfig(Config):
     recall_at: tuple[PositiveInt, ...] = (1, 5, 10)  # retriever recall@k reported (with n_docs)
     task: TaskName = "qa"
     labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
 
 
 def retrieve(
@@ -162,7 +163,7 @@ def evaluate(
     widest = max(*cfg.n_docs, *cfg.recall_at, RECALL_K)
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")
-    retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size)
+    retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size, cfg.retrieval)
     report: dict = {"questions": len(examples), "index_versions": [retrieved.version]}
     recall = _recall(retrieved, examples, (*cfg.n_docs, *cfg.recall_at)) if task.recall else {}
     if task.recall:
