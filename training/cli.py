@@ -156,7 +156,9 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
         help="the paper's experiment on SQuAD dev: fine-tune, evaluate held-out articles, hot-swap the index",
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", choices=("cpu", "gpu"), help="examples/experiment_<preset>.yaml")
+    which.add_argument(
+        "--preset", choices=("cpu", "cpu_retrievers", "gpu"), help="examples/experiment_<preset>.yaml"
+    )
     which.add_argument("--config", help="your own experiment YAML (see examples/experiment_cpu.yaml)")
     parser.add_argument(
         "--out", required=True, help="folder for the data, index, runs and report; re-run to resume"

@@ -164,8 +164,12 @@ def evaluate(
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")
     retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size, cfg.retrieval)
-    report: dict = {"questions": len(examples), "index_versions": [retrieved.version]}
-    recall = _recall(retrieved, examples, (*cfg.n_docs, *cfg.recall_at)) if task.recall else {}
+    report: dict = {
+        "questions": len(examples),
+        "index_versions": [retrieved.version],
+        "retriever": cfg.retrieval.retriever,
+    }
+    recall = retrieval_recall(retrieved, examples, (*cfg.n_docs, *cfg.recall_at)) if task.recall else {}
     if task.recall:
         report["recall"] = {str(k): v for k, v in recall.items()}
     report |= {"config": cfg.model_dump(), "settings": {}}
@@ -178,7 +182,9 @@ def evaluate(
     return report
 
 
-def _recall(retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]) -> dict[int, float]:
+def retrieval_recall(
+    retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]
+) -> dict[int, float]:
     """recall@k for every k of `ks` and RECALL_K: a gold answer found in the first k passages."""
     passages = [
         [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
