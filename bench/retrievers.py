@@ -59,8 +59,8 @@ def corpus_vectors(passages: list[Passage], distractors: list[Passage], encoder:
     unchanged, so their cached vectors (`rayrag ask --local` over the default corpus) are reused."""
     if passages[: len(distractors)] != distractors:
         return document_vectors(passages, encoder)
-    parts = (passages[: len(distractors)], passages[len(distractors) :])
-    return np.concatenate([document_vectors(part, encoder) for part in parts])
+    rest = document_vectors(passages[len(distractors) :], encoder)  # first: the lock may hold the other
+    return np.concatenate([document_vectors(passages[: len(distractors)], encoder), rest])
 
 
 def timed_bm25(group: ShardGroup, encoder_dim: int, questions: list[str], k: int) -> tuple[float, list]:
