@@ -179,6 +179,8 @@ class ShardGroup:
             route.inflight += 1
         try:
             self._check_queries(queries, k, route.manifest.dim)
+            if "bm25" in retrievers and len(questions) != len(queries):
+                raise ValueError(f"{len(questions)} questions for {len(queries)} query rows")
             found = {}
             for name in retrievers:
                 if name == "dense":
