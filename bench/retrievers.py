@@ -98,6 +98,7 @@ def main() -> None:
     texts = [passage_text(p) for p in passages]
     start = time.perf_counter()
     chunks = [lambda: (texts[i : i + 4096] for i in range(0, len(texts), 4096))]  # one shard
+    (out / "bm25-alone").mkdir(exist_ok=True)
     build_shards(out / "bm25-alone", chunks, Bm25Params())
     build_s = time.perf_counter() - start
     versions = {s: build_index_from_vectors(vectors, passages, out / f"index-s{s}", shards=s) for s in (1, 2)}
