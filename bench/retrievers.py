@@ -5,7 +5,7 @@ of SQuAD paragraphs plus the default distractor passages), encodes the corpus wi
 encoder (cached), builds one version with S = 2 shards and one with S = 1 (both with BM25), and
 measures on a local Ray:
 
-- recall@1/5/10 of dense, BM25 and hybrid (RRF) on the same questions, through the S = 2 group;
+- recall@1/5/10 of dense, BM25 and hybrid (the default linear fusion; RRF too) on the same questions, S = 2;
 - BM25 build throughput (tokenising + corpus statistics + weights, one shard, in this process);
 - BM25 queries per second at batch 1, S = 2 against S = 1 (the same actors and fan-out code),
   and that both return the same ids and scores;
@@ -73,14 +73,15 @@ def timed_bm25(group: ShardGroup, encoder_dim: int, questions: list[str], k: int
     return len(questions) / (time.perf_counter() - start), answers
 
 
-def p50_ms(encoder, group: ShardGroup, questions: list[str], retriever: str, scale: float) -> float:
-    config, search, times = RetrievalConfig(retriever=retriever), group_search(group), []
-    retrieve(encoder, search, questions[:1], 5, scale, retrieval=config)  # warm
+def p50_ms(encoder: TextEncoder, group: ShardGroup, questions: list[str], scale: float) -> dict[str, float]:
+    """Batch-1 p50 of dense and of hybrid, the two alternating question by question (the same load)."""
+    search, times = group_search(group), {"dense": [], "hybrid": []}
     for question in questions:
-        start = time.perf_counter()
-        retrieve(encoder, search, [question], 5, scale, retrieval=config)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name in times:
+            start = time.perf_counter()
+            retrieve(encoder, search, [question], 5, scale, retrieval=RetrievalConfig(retriever=name))
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}  # the first warms
 
 
 def main() -> None:
@@ -122,13 +123,20 @@ def main() -> None:
             for name in RETRIEVERS
             for config in [RetrievalConfig(retriever=name)]
         }
+        rrf = RetrievalConfig(retriever="hybrid", fusion="rrf", candidates=50)
+        found["hybrid_rrf"] = Retrieved.concat(
+            [
+                retrieve(query_encoder, search, questions[i : i + 32], 10, scale, retrieval=rrf)
+                for i in range(0, len(questions), 32)
+            ]
+        )
         timed = questions[: args.latency_questions]
         qps = {s: timed_bm25(groups[s], vectors.shape[1], timed, 10) for s in (1, 2)}
         same = all(
             np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores)
             for a, b in zip(qps[1][1], qps[2][1])
         )
-        latency = {name: p50_ms(query_encoder, groups[2], timed, name, scale) for name in ("dense", "hybrid")}
+        latency = p50_ms(query_encoder, groups[2], timed, scale)
     finally:
         for group in groups.values():
             group.close()
@@ -137,7 +145,7 @@ def main() -> None:
         "passages": counts["passages"],
         **{
             f"recall_at_{k}_{name}": round(value, 4)
-            for name in RETRIEVERS
+            for name in (*RETRIEVERS, "hybrid_rrf")
             for k, value in retrieval_recall(found[name], examples, (1, 5, 10)).items()
         },
         "bm25_build_passages_per_s": round(len(passages) / build_s, 1),

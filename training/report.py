@@ -26,7 +26,7 @@ ABLATION_ROWS = (  # the paper's Table 6, when the experiment ran them
         "rag_sequence",
         None,
     ),
-    ("RAG-Sequence, hybrid retriever (RRF of dense and BM25), fine-tuned", "hybrid", "rag_sequence", None),
+    ("RAG-Sequence, hybrid retriever (dense and BM25 fused), fine-tuned", "hybrid", "rag_sequence", None),
 )
 TRAIN_RUNS = {  # the loss plot's lines, when the experiment has the run
     "train_rag": "RAG-Sequence",

@@ -37,7 +37,9 @@ def _rrf_loop(k_rrf: float) -> dict[int, float]:
 
 
 def test_rrf_matches_the_formula_and_keeps_provenance() -> None:
-    found = fuse({"dense": DENSE, "bm25": BM25}, 4, RetrievalConfig(retriever="hybrid", rrf_k=60))
+    found = fuse(
+        {"dense": DENSE, "bm25": BM25}, 4, RetrievalConfig(retriever="hybrid", fusion="rrf", rrf_k=60)
+    )
     expected = _rrf_loop(60.0)
     order = sorted(expected, key=lambda pid: (-expected[pid], pid))[:4]
     assert found.ids[0].tolist() == order  # 3 (both lists), 1 (both), then 5, 7 by rank / id

@@ -150,7 +150,9 @@ def test_bm25_and_hybrid_find_the_passage_holding_the_words(setup: dict[str, str
     assert found.found_by[0].tolist() == ["bm25"] * 3
     np.testing.assert_allclose(found.scores[0], expected[found.ids[0]], rtol=1e-5)
     np.testing.assert_allclose(found.doc_scores, found.scores)  # temperature 1: BM25 scores are the logits
-    hybrid = LocalRag.from_config(_config(setup, retrieval={"retriever": "hybrid"})).retrieve(question)
+    hybrid = LocalRag.from_config(
+        _config(setup, retrieval={"retriever": "hybrid", "fusion": "rrf"})
+    ).retrieve(question)
     slot = hybrid.ids[0].tolist().index(found.ids[0, 0])  # BM25's best is among hybrid's
     assert "bm25" in hybrid.found_by[0][slot]
 

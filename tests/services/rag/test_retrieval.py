@@ -123,7 +123,7 @@ def test_bm25_doc_scores_are_its_scores_over_the_temperature(setup) -> None:
 
 def test_hybrid_fuses_both_parts_and_weighs_them_by_the_dense_score(setup) -> None:
     encoder, vectors = setup
-    config = RetrievalConfig(retriever="hybrid", candidates=4)
+    config = RetrievalConfig(retriever="hybrid", fusion="rrf", candidates=4)
     found = retrieve(
         encoder, brute_search(vectors), ["0", "2"], 3, SCALE, keep_vectors=True, retrieval=config
     )

@@ -71,6 +71,7 @@ def app(ray_session, tmp_path_factory):
     args = {
         "index": {"root": str(root), "follow_s": 0.3},
         "models": {"query_encoder": encoder, "generator": generator, "precision": "float32"},  # as in process
+        "retrieval": {"fusion": "rrf", "candidates": 50},  # hybrid requests fuse by RRF over the top-50
         "retriever": {"num_cpus": 0.5},
         "generator": {"num_cpus": 0.5},
         "admin_token": TOKEN,
@@ -225,7 +226,7 @@ def test_each_request_retrieves_with_the_retriever_it_asks_for(app):
                 encoder, group_search(group), questions, 4, default_doc_score_scale(encoder), retrieval=config
             )
             for name in ("bm25", "hybrid")
-            for config in [RetrievalConfig(retriever=name)]
+            for config in [RetrievalConfig(retriever=name, fusion="rrf", candidates=50)]
         }
     finally:
         group.close()
