@@ -43,7 +43,7 @@ class RetrievalConfig(Config):
 
 def fuse(found: Mapping[str, SearchResult], k: int, config: RetrievalConfig) -> SearchResult:
     """The top-k of `config.retriever` from each part's merged top-N, with provenance (`found_by`,
-    `part_scores`). Hybrid `scores` are fusion values (RRF or min-max mix): ranks, not similarities."""
+    `part_scores`). Hybrid `scores` are fusion values (RRF or min-max mix), not similarities."""
     if config.retriever != "hybrid":
         name = config.retriever
         result = found[name]

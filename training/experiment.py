@@ -20,7 +20,7 @@ the finished ones (training resumes from its last checkpoint):
    same test questions;
 9. the `ablations` asked for (the paper's Table 6), each a training run and its RAG-Sequence row:
    bm25 (the generator fine-tuned with BM25's passages, BM25 scores as p(z|x)'s logits), frozen
-   (dense retrieval, the query encoder not trained), hybrid (RRF of dense and BM25).
+   (dense retrieval, the query encoder not trained), hybrid (dense and BM25 fused).
 """
 
 from __future__ import annotations

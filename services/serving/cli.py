@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from services.serving.deployments import IndexArgs, ModelsArgs
 
 log = logging.getLogger(__name__)
-SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "rank fusion"}  # hybrid's is no similarity
+SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "fused"}  # hybrid's is no similarity
 
 
 def run_ask(args: argparse.Namespace) -> int:

@@ -134,7 +134,7 @@ def test_cli_ask_prints_answer_and_sources(setup: dict[str, str], capsys: pytest
     assert len(lines) == 4 and lines[2].startswith("  1. Doc ") and "(dense, q·d " in lines[2]
     assert rayrag_cli.main([*argv, "--retriever", "hybrid"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == "Sources (hybrid retriever):" and "rank fusion" in lines[2]
+    assert lines[1] == "Sources (hybrid retriever):" and ", fused " in lines[2]
 
 
 def test_bm25_and_hybrid_find_the_passage_holding_the_words(setup: dict[str, str]) -> None:
