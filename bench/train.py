@@ -95,6 +95,7 @@ def step_times(history: Path, warmup: int) -> list[tuple[int, float, str]]:
 def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     """The same train_step in this process: no Ray Train, the shard group called directly."""
     from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from services.rag.retrieval import group_search
     from training.data import load_qa
     from training.loop import global_batch, make_optimizer, train_step
     from training.modules import build_train_module
@@ -103,7 +104,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     optimizer = make_optimizer(module, cfg.optimizer)
     examples = load_qa(cfg.data.train)
     group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus))
-    search = lambda queries, k: group.search(queries, k, return_vectors=True)  # noqa: E731
+    search = group_search(group)
     times, last = [], time.monotonic()
     try:
         for step in range(steps):

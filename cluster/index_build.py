@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from cluster.bm25 import add_to_version as add_bm25
 from cluster.encode_pool import encode_on_ray
 from cluster.index_store import Manifest, ShardManifest, commit_version, sha256_file, staging_dir
 from cluster.index_store import publish as publish_version
@@ -153,6 +154,7 @@ def build_index_from_vectors(
             _write_shard(staged, s, index_type, np.ascontiguousarray(vectors[a:b]), passages[a:b])
             for s, (a, b) in enumerate(tqdm(bounds, desc="shards", disable=not show_progress))
         )
+        bm25, entries = add_bm25(staged, passages, entries)
         manifest = Manifest(
             version="staged",
             encoder=encoder,
@@ -163,6 +165,7 @@ def build_index_from_vectors(
             count=len(passages),
             shards=entries,
             search_params=dict(search_params or default_search_params(index_type)),
+            bm25=bm25,
         )
         version = commit_version(root, staged, manifest)
     except BaseException:

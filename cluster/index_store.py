@@ -53,6 +53,7 @@ class Manifest:
     count: int
     shards: tuple[ShardManifest, ...]
     search_params: dict[str, float] = field(default_factory=dict)
+    bm25: dict | None = None  # cluster/bm25.py's statistics and settings; None: a version without BM25
     format: int = FORMAT
 
     def to_json(self) -> str:

@@ -26,6 +26,10 @@ class SearchResult:
     version: str
     coverage: float  # fraction of shards that answered (1.0 = full)
     timings: dict[str, float] = field(default_factory=dict)  # total_ms, max_shard_ms
+    # provenance (cluster/fusion.py): per slot the retrievers that found it ("dense", "bm25",
+    # "dense+bm25") and each one's own score (NaN where its top-N did not hold the passage)
+    found_by: np.ndarray | None = None  # (B, k) str
+    part_scores: dict[str, np.ndarray] | None = None  # retriever → (B, k) float32
 
 
 def merge_topk(

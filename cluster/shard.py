@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 from pydantic import ConfigDict, Field
 
+from cluster.bm25 import Bm25Index
 from cluster.config import Config
 from cluster.index_store import load_manifest
 from cluster.shard_cache import cache_dir, shard_files
@@ -123,6 +124,7 @@ class Shard:
         self.ids = np.load(files["ids"], mmap_mode="r")  # (n,) int64
         self.table = PassageTable(files["passages"], files["offsets"])
         self.vectors = np.load(files["vectors"], mmap_mode="r") if "vectors" in files else None  # (n, d)
+        self.bm25 = Bm25Index(files) if "bm25_data" in files else None
         if not (self.index.ntotal == len(self.ids) == len(self.table) == self.entry.count):
             raise ValueError(
                 f"shard {config.shard} of {config.version}: index holds {self.index.ntotal} vectors, "
@@ -144,6 +146,17 @@ class Shard:
         start = time.perf_counter()
         k_local = min(k, self.entry.count)
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k_local)  # (B, k)
+        return self._hits(scores, rows, return_vectors, start)
+
+    def search_bm25(self, token_lists: list[list[str]], k: int, return_vectors: bool = False) -> ShardHits:
+        """BM25 top-k of this shard per tokenised query (corpus-wide statistics: shards merge exactly)."""
+        if self.bm25 is None:
+            raise ValueError(f"index version {self.config.version} has no BM25 index: rebuild it")
+        start = time.perf_counter()
+        scores, rows = self.bm25.search(token_lists, min(k, self.entry.count), self.entry.count)  # (B, k)
+        return self._hits(scores, rows, return_vectors, start)
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray, return_vectors: bool, start: float) -> ShardHits:
         ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1).astype(np.int64)  # (B, k)
         pairs = [[self.table.get(r) if r >= 0 else ("", "") for r in row] for row in rows]
         vectors = self._stored_vectors(rows) if return_vectors else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ import ray
 from pydantic import Field, field_validator
 from ray.exceptions import RayActorError
 
+from cluster.bm25 import query_tokens
 from cluster.config import Config
 from cluster.index_store import Manifest, check_index_root, load_manifest, resolve_version
 from cluster.merge import SearchResult, merge_hits
@@ -122,22 +124,23 @@ class ShardGroup:
             raise ValueError(f"k must be a positive int, got {k!r}")
 
     def _fan_out(
-        self, route: _Route, queries: np.ndarray, k: int, return_vectors: bool
+        self, route: _Route, method: str, queries: np.ndarray | list, k: int, return_vectors: bool
     ) -> list[ShardHits | None]:
-        """One replica per shard in parallel; a failed call moves to another replica of that shard."""
+        """One replica per shard in parallel (its `method`: "search" or "search_bm25"); a failed call
+        moves to another replica of that shard."""
         shards = len(route.manifest.shards)
         hits: list[ShardHits | None] = [None] * shards
         tried: list[set[int]] = [set() for _ in range(shards)]
         pending: dict[ray.ObjectRef, tuple[int, Replica]] = {}
-        query_ref = (
-            ray.put(queries) if queries.nbytes > INLINE_QUERY_BYTES else queries
-        )  # one copy for S shards
+        large = isinstance(queries, np.ndarray) and queries.nbytes > INLINE_QUERY_BYTES
+        query_ref = ray.put(queries) if large else queries  # one copy for S shards
 
         def submit(shard: int) -> None:
             replica = route.replicas.acquire(shard, tried[shard])
             if replica is not None:
                 tried[shard].add(replica.serial)
-                pending[replica.handle.search.remote(query_ref, k, return_vectors)] = (shard, replica)
+                call = getattr(replica.handle, method).remote(query_ref, k, return_vectors)
+                pending[call] = (shard, replica)
 
         for shard in range(shards):
             submit(shard)
@@ -163,25 +166,53 @@ class ShardGroup:
 
     def search(self, queries: np.ndarray, k: int, return_vectors: bool = False) -> SearchResult:
         """Global top-k for each query row, from one version; coverage < 1 when a shard is down."""
-        start = time.perf_counter()
+        return self.search_retrievers(queries, [], k, ("dense",), return_vectors)["dense"]
+
+    def search_retrievers(
+        self,
+        queries: np.ndarray,
+        questions: Sequence[str],
+        k: int,
+        retrievers: Sequence[str],
+        return_vectors: bool = False,
+    ) -> dict[str, SearchResult]:
+        """Global top-k of each named retriever ("dense": query vectors; "bm25": the questions' texts),
+        every one from the same version."""
         with self._lock:
             route = self._route
             route.inflight += 1
         try:
             self._check_queries(queries, k, route.manifest.dim)
-            hits = self._fan_out(route, queries, int(k), return_vectors)
+            if "bm25" in retrievers and len(questions) != len(queries):
+                raise ValueError(f"{len(questions)} questions for {len(queries)} query rows")
+            found = {}
+            for name in retrievers:
+                if name == "dense":
+                    found[name] = self._merged(route, "search", queries, int(k), return_vectors)
+                elif name == "bm25":
+                    tokens = query_tokens(questions, route.manifest)
+                    found[name] = self._merged(route, "search_bm25", tokens, int(k), return_vectors)
+                else:
+                    raise ValueError(f"unknown retriever {name!r}: expected 'dense' or 'bm25'")
+            return found
         finally:
             with self._idle:
                 route.inflight -= 1
                 if route.inflight == 0:
                     self._idle.notify_all()
+
+    def _merged(
+        self, route: _Route, method: str, queries: np.ndarray | list, k: int, return_vectors: bool
+    ) -> SearchResult:
+        start = time.perf_counter()
+        hits = self._fan_out(route, method, queries, k, return_vectors)
         answered = [h for h in hits if h is not None]
         coverage = len(answered) / len(hits)
         COVERAGE.set(coverage, tags={"version": route.version})
         if not answered or (coverage < 1.0 and not self.config.allow_partial):
             missing = [s for s, h in enumerate(hits) if h is None]
             raise ShardUnavailableError(f"index {route.version}: no live replica for shards {missing}")
-        result = merge_hits(answered, int(k), coverage, return_vectors)
+        result = merge_hits(answered, k, coverage, return_vectors)
         result.timings = {
             "total_ms": (time.perf_counter() - start) * 1e3,
             "max_shard_ms": max(h.search_ms for h in answered),

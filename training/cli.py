@@ -7,8 +7,9 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
+from cluster.fusion import Retriever
 from cluster.runtime import init_ray
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens,
             "decoding": args.decoding,
             "task": args.task,
+            "retrieval": {"retriever": args.retriever},
         }
     )
     show_progress()
@@ -154,7 +156,9 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
         help="the paper's experiment on SQuAD dev: fine-tune, evaluate held-out articles, hot-swap the index",
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", choices=("cpu", "gpu"), help="examples/experiment_<preset>.yaml")
+    which.add_argument(
+        "--preset", choices=("cpu", "cpu_retrievers", "gpu"), help="examples/experiment_<preset>.yaml"
+    )
     which.add_argument("--config", help="your own experiment YAML (see examples/experiment_cpu.yaml)")
     parser.add_argument(
         "--out", required=True, help="folder for the data, index, runs and report; re-run to resume"
@@ -191,6 +195,9 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--doc-encoder", default="default")
     parser.add_argument("--generator", default="default")
     parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument(
+        "--retriever", choices=get_args(Retriever), default="dense", help="dense | bm25 | hybrid"
+    )
     parser.add_argument(
         "--settings",
         nargs="+",

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cluster.config import Config
+from cluster.fusion import RetrievalConfig
 from services.rag.precision import Precision
 from training.data import BUILTIN_QA, split_spec
 
@@ -120,6 +121,8 @@ class TrainConfig(Section):
     task: TaskName = "qa"  # the data's input -> target format (training/tasks.py)
     refresh: str = ""  # "0-1000:100,1000-:500"; empty: never
     train_doc_encoder: bool = False
+    train_query_encoder: bool = True  # false: the frozen-retriever baseline (the paper's Table 6)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
     closed_book: bool = False  # no retrieval: one empty passage per question (the paper's baseline)
     max_failures: int = Field(0, ge=-1)
 
@@ -134,7 +137,14 @@ class TrainConfig(Section):
         RefreshSchedule.parse(self.refresh)
         if self.closed_book and (self.n_docs != 1 or self.train_doc_encoder):
             raise ValueError("config key 'closed_book' needs n_docs: 1 and no train_doc_encoder")
+        if self.train_doc_encoder and self.retrieval.retriever == "bm25":
+            raise ValueError("config key 'train_doc_encoder' needs a dense or hybrid retrieval.retriever")
         return self
+
+    @property
+    def trains_query_encoder(self) -> bool:
+        """False for a frozen retriever: train_query_encoder off, or BM25 (its scores carry no gradient)."""
+        return self.train_query_encoder and self.retrieval.retriever != "bm25"
 
 
 class RefreshSchedule:

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -15,10 +14,11 @@ import torch
 from pydantic import ConfigDict, Field, PositiveInt
 
 from cluster.config import Config
+from cluster.fusion import RetrievalConfig
 from cluster.passages import Passage, passage_text
 from services.rag import retrieval
 from services.rag.model import Decoding, RagModel
-from services.rag.retrieval import Retrieved
+from services.rag.retrieval import DENSE, Retrieved, group_search
 from training.data import QAExample
 from training.metrics import recall_at_k
 from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
@@ -43,16 +43,29 @@ class EvalConfig(Config):
     recall_at: tuple[PositiveInt, ...] = (1, 5, 10)  # retriever recall@k reported (with n_docs)
     task: TaskName = "qa"
     labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
 
 
-def retrieve(rag: RagModel, shard_group: Any, questions: Sequence[str], k: int, batch_size: int) -> Retrieved:
+def retrieve(
+    rag: RagModel,
+    shard_group: Any,
+    questions: Sequence[str],
+    k: int,
+    batch_size: int,
+    config: RetrievalConfig = DENSE,
+) -> Retrieved:
     """Top-k passages and doc scores per question, `batch_size` questions per search, all from one index
-    version; `shard_group` is a ShardGroup (or anything with its search)."""
-    search = partial(shard_group.search, return_vectors=True)
+    version; `shard_group` is a ShardGroup (or anything with its search_retrievers)."""
+    search = group_search(shard_group)
     return Retrieved.concat(
         [
             retrieval.retrieve(
-                rag.query_encoder, search, questions[start : start + batch_size], k, rag.doc_score_scale
+                rag.query_encoder,
+                search,
+                questions[start : start + batch_size],
+                k,
+                rag.doc_score_scale,
+                retrieval=config,
             )
             for start in range(0, len(questions), batch_size)
         ]
@@ -150,9 +163,13 @@ def evaluate(
     widest = max(*cfg.n_docs, *cfg.recall_at, RECALL_K)
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")
-    retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size)
-    report: dict = {"questions": len(examples), "index_versions": [retrieved.version]}
-    recall = _recall(retrieved, examples, (*cfg.n_docs, *cfg.recall_at)) if task.recall else {}
+    retrieved = retrieve(rag, shard_group, questions, min(widest, index_size), cfg.batch_size, cfg.retrieval)
+    report: dict = {
+        "questions": len(examples),
+        "index_versions": [retrieved.version],
+        "retriever": cfg.retrieval.retriever,
+    }
+    recall = retrieval_recall(retrieved, examples, (*cfg.n_docs, *cfg.recall_at)) if task.recall else {}
     if task.recall:
         report["recall"] = {str(k): v for k, v in recall.items()}
     report |= {"config": cfg.model_dump(), "settings": {}}
@@ -165,7 +182,9 @@ def evaluate(
     return report
 
 
-def _recall(retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]) -> dict[int, float]:
+def retrieval_recall(
+    retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]
+) -> dict[int, float]:
     """recall@k for every k of `ks` and RECALL_K: a gold answer found in the first k passages."""
     passages = [
         [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]

@@ -15,7 +15,12 @@ the finished ones (training resumes from its last checkpoint):
 5. fine_tuned: RAG-Token, RAG-Sequence and the top-1 passage read (retriever recall after);
 6. closed_book: the closed-book-trained generator;
 7. swap: the fine-tuned RAG model with the shard group swapped to "mismatched", then back to
-   "matching" (`ShardGroup.swap`, what serving does; no rebuild).
+   "matching" (`ShardGroup.swap`, what serving does; no rebuild);
+8. retrievers: recall@k of the dense (fine-tuned query encoder), BM25 and hybrid retrievers on the
+   same test questions;
+9. the `ablations` asked for (the paper's Table 6), each a training run and its RAG-Sequence row:
+   bm25 (the generator fine-tuned with BM25's passages, BM25 scores as p(z|x)'s logits), frozen
+   (dense retrieval, the query encoder not trained), hybrid (dense and BM25 fused).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -40,9 +45,19 @@ from training.data import BUILTIN_QA, QAExample, load_qa, squad_qa_by_article
 logger = logging.getLogger(__name__)
 PRESETS = {
     name: Path(__file__).resolve().parents[1] / "examples" / f"experiment_{name}.yaml"
-    for name in ("cpu", "gpu")
+    for name in ("cpu", "cpu_retrievers", "gpu")  # as `rayrag experiment --preset` offers them
 }
-STAGES = ("data", "index", "zero_shot", "train_rag", "train_closed_book", "fine_tuned", "closed_book", "swap")
+Ablation = Literal["bm25", "frozen", "hybrid"]
+ABLATIONS: dict[str, dict[str, Any]] = {  # the training keys each ablation run sets
+    "bm25": {"retrieval": {"retriever": "bm25"}},
+    "frozen": {"train_query_encoder": False},
+    "hybrid": {"retrieval": {"retriever": "hybrid"}},
+}
+STAGES = (
+    *("data", "index", "zero_shot", "train_rag", "train_closed_book", "fine_tuned", "closed_book", "swap"),
+    "retrievers",
+    *(stage for name in ABLATIONS for stage in (f"train_{name}", name)),
+)
 
 
 class ExperimentData(Section):
@@ -76,6 +91,7 @@ class ExperimentConfig(Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     train: dict[str, Any]  # `rayrag train` keys: n_docs, mode, optimizer, schedule, scaling, compute...
     eval: ExperimentEval = Field(default_factory=ExperimentEval)
+    ablations: tuple[Ablation, ...] = ()  # Table 6's rows: bm25, frozen, hybrid (a training run each)
 
     @model_validator(mode="after")
     def _check_train(self) -> ExperimentConfig:
@@ -84,13 +100,18 @@ class ExperimentConfig(Section):
             raise ValueError(f"config key 'train' must not set {sorted(reserved)}: the experiment does")
         for closed_book in (False, True):  # every key checked before anything runs
             self.train_config(Path("."), closed_book, train_data=BUILTIN_QA)
+        for ablation in self.ablations:
+            self.train_config(Path("."), False, train_data=BUILTIN_QA, ablation=ablation)
         return self
 
-    def train_config(self, out: Path, closed_book: bool, train_data: str | None = None) -> TrainConfig:
-        """The `rayrag train` config of the RAG run or of the closed-book run."""
+    def train_config(
+        self, out: Path, closed_book: bool, train_data: str | None = None, ablation: str | None = None
+    ) -> TrainConfig:
+        """The `rayrag train` config of the RAG run, the closed-book run, or an ablation's run."""
         raw = {
             **self.train,
-            "name": "closed_book" if closed_book else "rag",
+            **ABLATIONS.get(ablation or "", {}),
+            "name": ablation or ("closed_book" if closed_book else "rag"),
             "storage_path": str(out / "runs"),
             "data": {"train": train_data or str(out / "data" / "train.jsonl")},
             "index": {
@@ -216,9 +237,10 @@ def evaluate_settings(
     examples: list[QAExample],
     cfg: ExperimentEval,
     rows: dict[str, tuple[int, ...]],
+    retrieval: dict | None = None,
 ) -> dict:
     """`rayrag eval`'s report for each setting at its n_docs (a row each; closed-book reads one empty
-    passage), all with the same decoding."""
+    passage), all with the same decoding; `retrieval` a RetrievalConfig's keys (default: dense)."""
     from training.evaluate import EvalConfig, evaluate
 
     report: dict = {}
@@ -231,6 +253,7 @@ def evaluate_settings(
                 "num_beams": cfg.num_beams,
                 "max_new_tokens": cfg.max_new_tokens,
                 "decoding": cfg.decoding,
+                "retrieval": retrieval or {},
             }
         )
         part = evaluate(rag, group, examples, eval_cfg, group.manifest.count)
@@ -279,6 +302,19 @@ def swap_eval(
         rows[name] = evaluate_settings(rag, group, examples, cfg, {"rag_sequence": (cfg.n_docs,)})
         rows[name]["version"] = group.version
     return rows
+
+
+def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: ExperimentEval) -> dict:
+    """recall@1/5/10 (in [0, 1]) of each retriever on the same questions."""
+    from cluster.fusion import RetrievalConfig
+    from training.evaluate import retrieval_recall, retrieve
+
+    questions, k = [e.question for e in examples], min(10, group.manifest.count)
+    recall = {}
+    for name in ("dense", "bm25", "hybrid"):
+        found = retrieve(rag, group, questions, k, cfg.batch_size, RetrievalConfig(retriever=name))
+        recall[name] = {str(r): v for r, v in retrieval_recall(found, examples, (1, 5, 10)).items()}
+    return {"recall": recall}
 
 
 class Experiment:
@@ -363,4 +399,17 @@ class Experiment:
             ),
         )
         results["swap"] = self.stage("swap", lambda: swap_eval(rag, group, test, cfg.eval, versions))
+        results["retrievers"] = self.stage("retrievers", lambda: retriever_recall(rag, group, test, cfg.eval))
+        for name in cfg.ablations:
+            results |= self._ablation(name, group, test)
         return results
+
+    def _ablation(self, name: str, group: Any, test: list[QAExample]) -> dict:
+        """An ablation's training run and its RAG-Sequence row, retrieving as it trained."""
+        cfg = self.cfg
+        run = self.stage(f"train_{name}", lambda: train_run(cfg.train_config(self.out, False, ablation=name)))
+        model = trained_model(run["checkpoint"], cfg.eval.precision)
+        retrieval = ABLATIONS[name].get("retrieval")
+        rows = {"rag_sequence": (cfg.eval.n_docs,)}
+        row = self.stage(name, lambda: evaluate_settings(model, group, test, cfg.eval, rows, retrieval))
+        return {f"train_{name}": run, name: row}

@@ -20,8 +20,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from cluster.fusion import RetrievalConfig
 from services.rag.precision import resolve_dtype
-from services.rag.retrieval import Search, closed_book_search, retrieve
+from services.rag.retrieval import DENSE, Search, closed_book_search, retrieve
 from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
 from training.config import OptimizerConfig, RefreshSchedule, TrainConfig
 from training.data import QAExample
@@ -92,13 +93,29 @@ def make_optimizer(module: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def freeze_retriever(module: RagTrainModule, cfg: TrainConfig, rank: int) -> None:
+    """Freeze the query encoder when the config does not train it, and say so once (rank 0)."""
+    if cfg.trains_query_encoder:
+        return
+    module.rag.query_encoder.requires_grad_(False)
+    if rank == 0:
+        why = (
+            "BM25's doc scores carry no gradient"
+            if cfg.retrieval.retriever == "bm25"
+            else "train_query_encoder: false"
+        )
+        logger.info(f"[train {cfg.name}] the query encoder is frozen ({why})")
+
+
 def unwrap(module: torch.nn.Module) -> RagTrainModule:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 def actor_search(shard_group: Any) -> Search:
     """Search through a ShardGroup actor handle (what the workers hold)."""
-    return lambda queries, k: ray.get(shard_group.search.remote(queries, k, return_vectors=True))
+    return lambda queries, questions, k, parts: ray.get(
+        shard_group.search_retrievers.remote(queries, questions, k, parts, return_vectors=True)
+    )
 
 
 def forward_backward(
@@ -108,6 +125,7 @@ def forward_backward(
     n_docs: int,
     weight: float,
     dtype: torch.dtype = torch.float32,
+    retrieval: RetrievalConfig = DENSE,
 ) -> tuple[torch.Tensor, str]:
     """Retrieve, compute `weight` × local mean loss (autocast to `dtype`), backward. Returns
     (detached loss, version).
@@ -119,10 +137,19 @@ def forward_backward(
     questions = [e.question for e in examples]
     answers = [e.answers[0] for e in examples]
     rag = unwrap(module).rag
-    found = retrieve(rag.query_encoder, search, questions, n_docs, rag.doc_score_scale, keep_vectors=True)
+    found = retrieve(
+        rag.query_encoder,
+        search,
+        questions,
+        n_docs,
+        rag.doc_score_scale,
+        keep_vectors=True,
+        retrieval=retrieval,
+    )
+    fixed = found.doc_scores if retrieval.retriever == "bm25" else None  # BM25's logits: no gradient
     device = rag.generator.device
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = module(questions, answers, found.titles, found.texts, found.vectors) * weight
+        loss = module(questions, answers, found.titles, found.texts, found.vectors, fixed) * weight
     loss.backward()
     return loss.detach(), found.version
 
@@ -137,7 +164,7 @@ def train_step(
 ) -> tuple[torch.Tensor, str]:
     """One optimiser step: retrieve, loss, backward (DDP syncs), clip, update."""
     dtype = resolve_dtype(cfg.compute.precision)
-    loss, version = forward_backward(model, search, examples, cfg.n_docs, weight, dtype)
+    loss, version = forward_backward(model, search, examples, cfg.n_docs, weight, dtype, cfg.retrieval)
     if cfg.optimizer.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
     optimizer.step()
@@ -209,6 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.schedule.seed + rank)
     module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).train()
     apply_compute(module, cfg.compute)
+    freeze_retriever(module, cfg, rank)
     state, checkpoint_path = _restore(module, loop_config["refresher"], rank)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = make_optimizer(model, cfg.optimizer)

@@ -40,7 +40,12 @@ class RagTrainModule(torch.nn.Module):
         titles: list[list[str]],
         texts: list[list[str]],
         doc_vectors: np.ndarray,
+        doc_scores: np.ndarray | None = None,
     ) -> torch.Tensor:
+        """The loss; `doc_scores` (B, K) fixes p(z|x)'s logits (BM25), else the dense ones get gradient."""
+        if doc_scores is not None:
+            fixed = torch.as_tensor(doc_scores)  # (B, K)
+            return self.rag.loss(questions, answers, titles, texts, doc_vectors, self.mode, doc_scores=fixed)
         vectors = torch.tensor(doc_vectors)  # (B, K, d) a copy: search results are read-only
         if self.doc_encoder is not None:
             flat = [passage_text(Passage(0, t, x)) for ts, xs in zip(titles, texts) for t, x in zip(ts, xs)]

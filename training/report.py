@@ -18,6 +18,21 @@ ROWS = (
     ("RAG-Token, fine-tuned", "fine_tuned", "rag_token", None),
     ("RAG-Sequence, fine-tuned", "fine_tuned", "rag_sequence", None),
 )
+ABLATION_ROWS = (  # the paper's Table 6, when the experiment ran them
+    ("RAG-Sequence, BM25 retriever, fine-tuned", "bm25", "rag_sequence", None),
+    (
+        "RAG-Sequence, frozen retriever (query encoder not trained), fine-tuned",
+        "frozen",
+        "rag_sequence",
+        None,
+    ),
+    ("RAG-Sequence, hybrid retriever (dense and BM25 fused), fine-tuned", "hybrid", "rag_sequence", None),
+)
+TRAIN_RUNS = {  # the loss plot's lines, when the experiment has the run
+    "train_rag": "RAG-Sequence",
+    "train_closed_book": "closed-book",
+    **{f"train_{name}": f"{name} retriever" for name in ("bm25", "frozen", "hybrid")},
+}
 RECALL_KS = ("1", "5", "10")
 SMOOTHING = 10  # steps in the loss plot's running mean
 
@@ -35,7 +50,8 @@ def table_rows(results: dict) -> list[tuple[str, float, float]]:
     """(setting, EM, F1) in percent: Table 1's rows, then the hot-swap pair."""
     rows = [
         (name, _percent(m["em"]), _percent(m["f1"]))
-        for name, stage, setting, n_docs in ROWS
+        for name, stage, setting, n_docs in (*ROWS, *ABLATION_ROWS)
+        if stage in results
         for m in [_metrics(results[stage], setting, n_docs)]
     ]
     for side, label in (("matching", "with the test articles"), ("mismatched", "without the test articles")):
@@ -51,7 +67,13 @@ def summary(results: dict) -> dict:
         report = results[report] if isinstance(report, str) else report
         return _percent(_metrics(report, setting, n_docs)["em"])
 
+    ablations = {
+        f"{stage}_em": em(stage, "rag_sequence") for _, stage, _, _ in ABLATION_ROWS if stage in results
+    }
+    recall = results.get("retrievers", {}).get("recall", {})
     return {
+        **ablations,
+        **{f"recall_at_5_{name}": _percent(recall[name]["5"]) for name in recall},
         "rag_sequence_em": em("fine_tuned", "rag_sequence"),
         "rag_token_em": em("fine_tuned", "rag_token"),
         "closed_book_em": em("closed_book", "closed_book"),
@@ -83,6 +105,9 @@ def markdown(results: dict) -> str:
     for label, stage in (("before fine-tuning", "zero_shot"), ("after fine-tuning", "fine_tuned")):
         recall = results[stage]["recall"]
         lines.append(f"| {label} | " + " | ".join(f"{_percent(recall[k]):.1f}" for k in RECALL_KS) + " |")
+    for name, recall in results.get("retrievers", {}).get("recall", {}).items():
+        label = f"{name} (fine-tuned query encoder)" if name != "bm25" else name
+        lines.append(f"| {label} | " + " | ".join(f"{_percent(recall[k]):.1f}" for k in RECALL_KS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +127,9 @@ def write_plots(results: dict, out: Path) -> list[str]:
         written.append(str(out / name))
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    for run, label in (("train_rag", "RAG-Sequence"), ("train_closed_book", "closed-book")):
+    for run, label in TRAIN_RUNS.items():
+        if run not in results:
+            continue
         steps, losses = read_history(results[run]["history"])
         window = min(SMOOTHING, len(losses))
         line = axes.plot(steps, losses, alpha=0.3)[0]

@@ -1,4 +1,4 @@
-"""Single-process RAG without Ray: one flat FAISS index over a corpus, cached document vectors."""
+"""Single-process RAG without Ray: one flat FAISS index (and BM25) over a corpus, cached on disk."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import faiss
 import numpy as np
 from pydantic import ConfigDict, Field
 
+from cluster.bm25 import Bm25Index, Bm25Params, build_shards, shard_files, tokenize
 from cluster.config import Config
 from cluster.encoders import TextEncoder, load_encoders
+from cluster.fusion import RetrievalConfig
 from cluster.merge import SearchResult
 from cluster.passages import Passage, load_corpus, passage_text
 from services.rag.generator import make_generator
@@ -43,16 +45,19 @@ class LocalConfig(Config):
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     cache_dir: str | None = None  # None: $RAYRAG_CACHE or ~/.cache/rayrag
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
 
 
 @dataclass(frozen=True)
 class Source:
-    """One retrieved passage behind an answer; `score` is the raw inner product q·d."""
+    """One retrieved passage behind an answer: `score` is what ranked it (q·d, BM25, or hybrid's
+    fusion value), `found_by` the retriever(s) that found it."""
 
     id: int
     title: str
     text: str
     score: float
+    found_by: str
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,23 @@ def document_vectors(
     return vectors
 
 
+def bm25_index(
+    passages: list[Passage], params: Bm25Params = Bm25Params(), cache_dir: str | None = None
+) -> Bm25Index:
+    """The passages' BM25 as one shard (cluster/bm25.py), cached on disk by settings + corpus."""
+    digest = hashlib.sha256(params.model_dump_json().encode())
+    for passage in passages:
+        digest.update(f"{passage.id}\0{passage_text(passage)}\0".encode())
+    target = cache_root(cache_dir) / "bm25" / digest.hexdigest()[:24]
+
+    def build(out: Path) -> None:
+        texts = [passage_text(p) for p in passages]
+        build_shards(out, [lambda: [texts]], params)
+
+    directory = ensure_cached(target, build)
+    return Bm25Index({role: str(directory / name) for role, name in shard_files(0).items()})
+
+
 class LocalRag:
     """Retrieve the top-K passages for a question from one `IndexFlatIP`, answer with `RagModel`."""
 
@@ -100,6 +122,11 @@ class LocalRag:
         self.vectors = document_vectors(passages, doc_encoder, config.cache_dir)  # (N, d)
         self.index = faiss.IndexFlatIP(self.vectors.shape[1])
         self.index.add(self.vectors)
+        self.bm25 = (
+            bm25_index(passages, cache_dir=config.cache_dir)
+            if config.retrieval.retriever != "dense"
+            else None
+        )
         model, tokenizer = load_generator(config.generator, config.cache_dir, config.precision)
         self.rag = RagModel(query_encoder.eval(), make_generator(model, tokenizer)).eval()
 
@@ -107,24 +134,44 @@ class LocalRag:
     def from_config(cls, config: LocalConfig) -> LocalRag:
         return cls(load_corpus(config.corpus, config.limit), config)
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """The flat index's top-k for each query row (B, d), with the passages and their vectors."""
-        scores, rows = self.index.search(queries, k)  # (B, k) each
-        found = [[self.passages[r] for r in row] for row in rows]
+    def search(
+        self, queries: np.ndarray, questions: list[str], k: int, parts: tuple[str, ...]
+    ) -> dict[str, SearchResult]:
+        """Each part's top-k ("dense": the flat index over query rows (B, d); "bm25": the questions'
+        terms), with the passages and their vectors."""
+        found = {}
+        if "dense" in parts:
+            found["dense"] = self._result(*self.index.search(queries, k))
+        if "bm25" in parts:
+            tokens = tokenize(questions, Bm25Params())
+            found["bm25"] = self._result(
+                *self.bm25.search(tokens, min(k, len(self.passages)), len(self.passages))
+            )
+        return found
+
+    def _result(self, scores: np.ndarray, rows: np.ndarray) -> SearchResult:
+        """Hits of (B, k) rows (-1: none) as a SearchResult with titles, texts and vectors."""
+        found = [[self.passages[r] if r >= 0 else None for r in row] for row in rows]
         return SearchResult(
             scores=scores,
-            ids=np.array([[p.id for p in docs] for docs in found], np.int64),
-            titles=[[p.title for p in docs] for docs in found],
-            texts=[[p.text for p in docs] for docs in found],
-            vectors=self.vectors[rows],  # (B, k, d)
+            ids=np.array([[p.id if p else -1 for p in docs] for docs in found], np.int64),
+            titles=[[p.title if p else "" for p in docs] for docs in found],
+            texts=[[p.text if p else "" for p in docs] for docs in found],
+            vectors=np.where(rows[:, :, None] >= 0, self.vectors[np.maximum(rows, 0)], 0.0),  # (B, k, d)
             version=LOCAL_VERSION,
             coverage=1.0,
         )
 
     def retrieve(self, questions: list[str]) -> Retrieved:
         """The top-K passages of each question with their doc scores."""
+        cfg = self.config
         return retrieve(
-            self.rag.query_encoder, self.search, questions, self.config.n_docs, self.rag.doc_score_scale
+            self.rag.query_encoder,
+            self.search,
+            questions,
+            cfg.n_docs,
+            self.rag.doc_score_scale,
+            retrieval=cfg.retrieval,
         )
 
     def ask(self, questions: list[str]) -> list[Answer]:
@@ -141,8 +188,14 @@ class LocalRag:
             num_beams=cfg.num_beams,
             max_new_tokens=cfg.max_new_tokens,
         )
-        sources = zip(found.ids, found.titles, found.texts, found.scores)  # per question: (K,) each
+        sources = zip(
+            found.ids, found.titles, found.texts, found.scores, found.found_by
+        )  # per question: (K,)
         return [
-            Answer(question, answer.strip(), [Source(int(i), t, x, float(s)) for i, t, x, s in zip(*hits)])
+            Answer(
+                question,
+                answer.strip(),
+                [Source(int(i), t, x, float(s), str(by)) for i, t, x, s, by in zip(*hits)],
+            )
             for question, answer, hits in zip(questions, answers, sources)
         ]

@@ -102,13 +102,20 @@ class RagModel(torch.nn.Module):
         *,
         epsilon: float = 0.0,
         exclude_bos_score: bool = False,
+        doc_scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean negative marginal log-likelihood of the answers (scalar)."""
+        """Mean negative marginal log-likelihood of the answers (scalar).
+
+        `doc_scores` (B, K) fixes the logits of p(z|x) (BM25's, no gradient); by default they are
+        scale · q(x)ᵀd(z), recomputed with gradient from the query encoder and `doc_vectors`."""
         if mode not in ("sequence", "token"):
             raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
-        query = self.encode_queries(questions)  # (B, d)
-        docs = torch.as_tensor(doc_vectors, dtype=query.dtype, device=query.device)  # (B, K, d)
-        scores = self.doc_scores(query, docs)  # (B, K)
+        if doc_scores is None:
+            query = self.encode_queries(questions)  # (B, d)
+            docs = torch.as_tensor(doc_vectors, dtype=query.dtype, device=query.device)  # (B, K, d)
+            scores = self.doc_scores(query, docs)  # (B, K)
+        else:
+            scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=self.generator.device)  # (B, K)
         gen = self.generator
         ctx = gen.contexts(questions, titles, texts)
         target, mask = gen.answer_targets(answers)  # (B, T), (B, T)

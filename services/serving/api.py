@@ -15,6 +15,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cluster.fusion import Retriever
 from services.serving.conversation import Turn, conversation
 
 # Documented limits (also shown in the OpenAPI schema at /docs).
@@ -96,6 +97,9 @@ class DecodingOptions(BaseModel):
     )
     num_beams: int = Field(4, ge=1, le=MAX_NUM_BEAMS)
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+    retriever: Retriever | None = Field(
+        None, description="dense, bm25 or hybrid (default: the server's args.retrieval.retriever)"
+    )
 
 
 class AnswerRequest(DecodingOptions):
@@ -117,6 +121,9 @@ class RetrieveRequest(BaseModel):
     question: Question | None = None
     questions: list[Question] | None = Field(None, min_length=1, max_length=MAX_BATCH_QUESTIONS)
     k: int = Field(5, ge=1, le=MAX_N_DOCS)
+    retriever: Retriever | None = Field(
+        None, description="dense, bm25 or hybrid (default: the server's args.retrieval.retriever)"
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> RetrieveRequest:
@@ -175,6 +182,7 @@ class ChatRequest(DecodingOptions):
             decoding=self.decoding,
             num_beams=self.num_beams,
             max_new_tokens=limit,
+            retriever=self.retriever,
         )
 
 
@@ -186,8 +194,18 @@ class Doc(BaseModel):
     id: int
     title: str
     text: str
-    score: float = Field(..., description="doc score as RAG uses it: scale · q(x)·d(z)")
+    score: float = Field(
+        ...,
+        description="doc score as RAG uses it, the logit of p(z|x): scale · q(x)·d(z) (dense, hybrid) "
+        "or BM25 / temperature (bm25)",
+    )
     prob: float = Field(..., description="p(z|x): softmax of the scores over the K docs")
+    retriever: str = Field("dense", description="what found it: dense, bm25 or dense+bm25 (hybrid)")
+    dense_score: float | None = Field(None, description="q(x)·d(z) where the dense retriever found it")
+    bm25_score: float | None = Field(None, description="BM25 score where the BM25 retriever found it")
+    fused_score: float | None = Field(
+        None, description="hybrid: the fusion value it was ranked by (RRF or min-max mix), not a similarity"
+    )
 
 
 class Timings(BaseModel):

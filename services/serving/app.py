@@ -97,11 +97,11 @@ class Ingress:
                 headers={"Retry-After": str(retry)},
             ) from error
 
-    async def retrieve(self, question: str, k: int) -> Retrieved:
-        """The question's top-k (a batch of one) from the Retriever; 503 naming the shards when
-        none of them can answer."""
+    async def retrieve(self, question: str, k: int, retriever: str | None = None) -> Retrieved:
+        """The question's top-k (a batch of one) from the Retriever (`retriever`: None for the
+        server's); 503 naming the shards when none of them can answer."""
         try:
-            return await self._call("Retriever", self.retriever.retrieve.remote(question, k))
+            return await self._call("Retriever", self.retriever.retrieve.remote(question, k, retriever))
         except ShardUnavailableError as error:
             raise ApiError(503, f"the index cannot be searched right now: {error}") from error
 
@@ -136,7 +136,7 @@ class Ingress:
         """Timings are the replicas' in-process times and the total."""
         start = time.perf_counter()
         with _stage(route, "retrieve"):
-            found = await self.retrieve(query, options.n_docs)
+            found = await self.retrieve(query, options.n_docs, options.retriever)
         request = GenerateRequest(
             question=question,
             titles=found.titles[0],
@@ -164,11 +164,13 @@ class Ingress:
             timings_ms={"retrieve": found.retrieve_ms, "generate": generated.generate_ms, "total": total},
         )
 
-    async def retrieve_many(self, questions: list[str], k: int) -> RetrieveResponse:
+    async def retrieve_many(
+        self, questions: list[str], k: int, retriever: str | None = None
+    ) -> RetrieveResponse:
         """Top-k per question, searched concurrently; versions are joined if a swap fell between."""
         start = time.perf_counter()
         with _stage("/v1/retrieve", "retrieve"):
-            found = await asyncio.gather(*(self.retrieve(q, k) for q in questions))
+            found = await asyncio.gather(*(self.retrieve(q, k, retriever) for q in questions))
         versions = {f.version for f in found}
         return RetrieveResponse(
             index_version=found[0].version if len(versions) == 1 else ",".join(sorted(versions)),
@@ -223,7 +225,7 @@ async def post_answer(body: AnswerRequest, ingress: Backend) -> AnswerResponse:
 @router.post("/v1/retrieve", responses=responses(*BODY_ERRORS, 503))
 async def post_retrieve(body: RetrieveRequest, ingress: Backend) -> RetrieveResponse:
     """Top-k passages per question (score as RAG uses it, prob = softmax over the k)."""
-    return await ingress.retrieve_many(body.all_questions(), body.k)
+    return await ingress.retrieve_many(body.all_questions(), body.k, body.retriever)
 
 
 CHAT_OK = {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
+from cluster.fusion import Retriever
 from cluster.runtime import init_ray
 from services.serving.serve_file import ServeFile, read_serve_file
 
@@ -13,18 +14,23 @@ if TYPE_CHECKING:
     from services.serving.deployments import IndexArgs, ModelsArgs
 
 log = logging.getLogger(__name__)
+SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "fused"}  # hybrid's is no similarity
 
 
 def run_ask(args: argparse.Namespace) -> int:
     """`ask --local`: answer one question in this process and print the answer with its sources."""
     from services.rag.local import LocalConfig, LocalRag
 
-    config = LocalConfig.parse({key: getattr(args, key) for key in LocalConfig.model_fields})
+    raw = {key: getattr(args, key) for key in LocalConfig.model_fields if key != "retrieval"}
+    config = LocalConfig.parse(raw | {"retrieval": {"retriever": args.retriever or "dense"}})
     [answer] = LocalRag.from_config(config).ask([args.question])
+    label = SCORE_LABELS[config.retrieval.retriever]
     print(f"Answer: {answer.answer}")
-    print("Sources:")
+    print(f"Sources ({config.retrieval.retriever} retriever):")
     for rank, source in enumerate(answer.sources, start=1):
-        print(f"  {rank}. {source.title} (score {source.score:.3f}, passage {source.id})")
+        print(
+            f"  {rank}. {source.title} ({source.found_by}, {label} {source.score:.3f}, passage {source.id})"
+        )
     return 0
 
 
@@ -35,6 +41,12 @@ def _add_ask(subcommands: argparse._SubParsersAction) -> None:
     ask.add_argument("--corpus", default="default", help="default | squad-open | FILE.jsonl | FILE.json")
     ask.add_argument("--limit", type=int, default=None, help="use only the first N passages")
     ask.add_argument("--n-docs", type=int, default=5, help="passages retrieved (K)")
+    ask.add_argument(
+        "--retriever",
+        choices=get_args(Retriever),
+        default=None,
+        help="dense | bm25 | hybrid (default: dense with --local, else the server's args.retrieval)",
+    )
     ask.add_argument(
         "--mode", choices=["sequence", "token"], default="sequence", help="RAG-Sequence or RAG-Token"
     )
@@ -182,6 +194,8 @@ def ask_http(args: argparse.Namespace) -> int:
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
     }
+    if args.retriever is not None:
+        body["retriever"] = args.retriever
     request = urllib.request.Request(
         f"{args.url.rstrip('/')}/v1/answer",
         data=json.dumps(body).encode(),
@@ -203,7 +217,8 @@ def ask_http(args: argparse.Namespace) -> int:
     )
     print(f"Sources (index {answer['index_version']}, {answer['mode']}{partial}):")
     for rank, doc in enumerate(answer["docs"], start=1):
-        print(f"  [{rank}] {doc['title']} (p={doc['prob']:.2f}, passage {doc['id']}): {doc['text'][:100]}")
+        found = f"{doc['retriever']}, p={doc['prob']:.2f}, passage {doc['id']}"
+        print(f"  [{rank}] {doc['title']} ({found}): {doc['text'][:100]}")
     return 0
 
 

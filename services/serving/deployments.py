@@ -7,19 +7,20 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from ray import serve
 
 from cluster import storage
 from cluster.config import Config
+from cluster.fusion import RetrievalConfig
 from cluster.index_store import list_versions, published_version
 from services.rag.precision import Precision
-from services.rag.retrieval import Retrieved, retrieve
+from services.rag.retrieval import Retrieved, group_search, retrieve
 from services.rag.stopping import GenerationStopped
 from services.serving.api import Doc
 from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
@@ -96,9 +97,10 @@ class IndexArgs(ServedIndex):
 
 
 class RetrieverConfig(DeploymentConfig, ServedIndex):
-    """Query encoder + shard group."""
+    """Query encoder + shard group, and which retriever answers (dense, bm25, hybrid)."""
 
     query_encoder: str = "default"
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
 
 class GeneratorArgs(DeploymentConfig):
@@ -143,6 +145,7 @@ class AppArgs(Config):
 
     index: IndexArgs = Field(default_factory=IndexArgs)
     models: ModelsArgs = Field(default_factory=ModelsArgs)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
     retriever: DeploymentConfig = Field(default_factory=DeploymentConfig)
     generator: GeneratorArgs = Field(default_factory=GeneratorArgs)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -162,7 +165,12 @@ class AppConfig(Config):
         parsed = AppArgs.parse(args or {}, "args.")
         served = parsed.index.model_dump(by_alias=True, include=set(ServedIndex.model_fields))
         retriever = RetrieverConfig.model_validate(
-            {**parsed.retriever.model_dump(), **served, "query_encoder": parsed.models.query_encoder}
+            {
+                **parsed.retriever.model_dump(),
+                **served,
+                "query_encoder": parsed.models.query_encoder,
+                "retrieval": parsed.retrieval,
+            }
         )
         generator = GeneratorConfig.model_validate(
             {
@@ -203,10 +211,26 @@ def docs_of(found: Retrieved) -> list[Doc]:
     from services.rag.marginal import doc_log_probs
 
     probs = doc_log_probs(torch.from_numpy(found.doc_scores)).exp()[0]  # (K,)
+    parts = found.part_scores or {}
     return [
-        Doc(id=int(i), title=t, text=x, score=float(s), prob=float(p))
-        for i, t, x, s, p in zip(found.ids[0], found.titles[0], found.texts[0], found.doc_scores[0], probs)
+        Doc(
+            id=int(found.ids[0, j]),
+            title=found.titles[0][j],
+            text=found.texts[0][j],
+            score=float(found.doc_scores[0, j]),
+            prob=float(probs[j]),
+            retriever=str(found.found_by[0, j]) if found.found_by is not None else found.retriever,
+            dense_score=_finite(parts["dense"][0, j]) if "dense" in parts else None,
+            bm25_score=_finite(parts["bm25"][0, j]) if "bm25" in parts else None,
+            fused_score=float(found.scores[0, j]) if found.retriever == "hybrid" else None,
+        )
+        for j in range(len(found.titles[0]))
     ]
+
+
+def _finite(value: float) -> float | None:
+    """A retriever's own score, or None where its top-N did not hold the passage (NaN)."""
+    return None if np.isnan(value) else float(value)
 
 
 def _set_batching(method: Any, batch: BatchConfig) -> None:
@@ -227,6 +251,7 @@ class RetrieverDeployment:
         self.config = config
         self.encoder = TextEncoder.from_pretrained(config.query_encoder).eval()
         self.doc_score_scale = default_doc_score_scale(self.encoder)
+        self.retrieval = config.retrieval
         self.seen_pointer = published_version(config.index_root)
         self.group = ShardGroup(
             ShardGroupConfig(
@@ -245,15 +270,26 @@ class RetrieverDeployment:
             threading.Thread(target=self._follow, daemon=True, name="follow-index").start()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def retrieve(self, questions: list[str], ks: list[int]) -> list[Retrieved]:
-        return await asyncio.to_thread(self._retrieve_batch, questions, ks)
+    async def retrieve(
+        self, questions: list[str], ks: list[int], retrievers: list[str | None]
+    ) -> list[Retrieved]:
+        return await asyncio.to_thread(self._retrieve_batch, questions, ks, retrievers)
 
-    def _retrieve_batch(self, questions: list[str], ks: list[int]) -> list[Retrieved]:
-        """One retrieval for the batch (one index version); each question gets a batch of one with
-        its first k hits, fewer when the index holds fewer passages."""
-        search = partial(self.group.search, return_vectors=True)
-        found = retrieve(self.encoder, search, questions, max(ks), self.doc_score_scale)
-        return [found.for_question(b, k) for b, k in enumerate(ks)]
+    def _retrieve_batch(
+        self, questions: list[str], ks: list[int], retrievers: list[str | None]
+    ) -> list[Retrieved]:
+        """One retrieval per retriever asked for in the batch (each from one index version); each
+        question gets a batch of one with its first k hits, fewer when the index holds fewer."""
+        search, out = group_search(self.group), [None] * len(questions)
+        names = [r or self.retrieval.retriever for r in retrievers]
+        for name in dict.fromkeys(names):
+            rows = [b for b, r in enumerate(names) if r == name]
+            config = self.retrieval.model_copy(update={"retriever": name})
+            asked, k = [questions[b] for b in rows], max(ks[b] for b in rows)
+            found = retrieve(self.encoder, search, asked, k, self.doc_score_scale, retrieval=config)
+            for row, b in enumerate(rows):
+                out[b] = found.for_question(row, ks[b])
+        return out
 
     def swap(self, version: str) -> str:
         """Swap the shard group to `version` (admin call, broadcast to every replica)."""

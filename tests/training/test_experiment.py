@@ -16,7 +16,8 @@ from training.experiment import STAGES, load_experiment, write_data
 ARTICLES = ("Alpha", "Beta", "Gamma", "Delta")
 SUMMARY_KEYS = (
     "rag_sequence_em rag_token_em closed_book_em zero_shot_rag_em top1_read_em swap_matching_em "
-    "swap_mismatched_em recall_at_5_before recall_at_5_after minutes"
+    "swap_mismatched_em recall_at_5_before recall_at_5_after minutes bm25_em frozen_em hybrid_em "
+    "recall_at_5_dense recall_at_5_bm25 recall_at_5_hybrid"
 ).split()
 
 
@@ -56,6 +57,7 @@ def experiment_config(toy, tmp_path_factory) -> str:
             "compute": {"precision": "float32"},
         },
         "eval": {"n_docs": 2, "max_new_tokens": 3, "batch_size": 2, "precision": "float32"},
+        "ablations": ["bm25", "frozen", "hybrid"],
     }
     path = root / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -81,10 +83,26 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
     assert swap["matching"]["version"] == index["matching"]
     matching, fine_tuned = swap["matching"]["settings"], report["fine_tuned"]["settings"]
     assert matching["rag_sequence"]["by_n_docs"]["2"] == fine_tuned["rag_sequence"]["by_n_docs"]["2"]
-    for run in ("train_rag", "train_closed_book"):
+    for run in ("train_rag", "train_closed_book", "train_bm25", "train_frozen", "train_hybrid"):
         losses = [json.loads(row) for row in Path(report[run]["history"]).read_text().splitlines()]
         assert sum("loss" in row for row in losses) == 2
-    assert "| RAG-Sequence, fine-tuned |" in (tmp_path / "results.md").read_text()
+    for name in ("bm25", "hybrid"):  # each ablation row retrieved as its run trained
+        assert report[name]["retriever"] == name and "rag_sequence" in report[name]["settings"]
+    assert report["frozen"]["retriever"] == "dense"
+    recall = report["retrievers"]["recall"]
+    assert set(recall) == {"dense", "bm25", "hybrid"} and all(
+        set(r) == {"1", "5", "10"} for r in recall.values()
+    )
+    assert recall["dense"]["5"] == report["fine_tuned"]["recall"]["5"]  # the same query encoder and index
+    results = (tmp_path / "results.md").read_text()
+    for row in (
+        "RAG-Sequence, fine-tuned",
+        "RAG-Sequence, BM25 retriever",
+        "frozen retriever",
+        "hybrid retriever",
+    ):
+        assert row in results, results
+    assert "| bm25 |" in results
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["em_f1.png", "loss.png", "recall.png"]
 
     (tmp_path / "stages" / "swap.json").unlink()  # as if stopped during the last stage

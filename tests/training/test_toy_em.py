@@ -11,15 +11,13 @@ construction, not by a race between two learners. Measured over seeds 0-4 (`RAYR
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
 
 from cluster.passages import Passage, passage_text
 from cluster.shard_group import ShardGroup, ShardGroupConfig
-from services.rag.retrieval import Retrieved, Search, closed_book_search
+from services.rag.retrieval import Retrieved, Search, closed_book_search, group_search
 from training.config import TrainConfig, config_from_dict
 from training.data import load_qa
 from training.evaluate import EvalConfig, predict, retrieve
@@ -79,7 +77,7 @@ def test_rag_training_reads_answers_that_closed_book_cannot_know(copy_toy, copy_
             "em"
         ]
 
-    rag, rag_losses = train(cfg, partial(group.search, return_vectors=True))
+    rag, rag_losses = train(cfg, group_search(group))
     found = retrieve(rag.rag, group, questions, N_DOCS, eval_cfg.batch_size)
     passages = [
         [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)] for ts, xs in zip(found.titles, found.texts)

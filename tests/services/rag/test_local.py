@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import bm25s
 import numpy as np
 import pytest
 
 import rayrag_cli
+from cluster.bm25 import Bm25Params, tokenize
 from cluster.encoders import TextEncoder
 from cluster.passages import load_corpus, passage_text
 from services.rag import local
@@ -128,8 +130,31 @@ def test_cli_ask_prints_answer_and_sources(setup: dict[str, str], capsys: pytest
     ]
     assert rayrag_cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("Answer:") and lines[1] == "Sources:"
-    assert len(lines) == 4 and lines[2].startswith("  1. Doc ")
+    assert lines[0].startswith("Answer:") and lines[1] == "Sources (dense retriever):"
+    assert len(lines) == 4 and lines[2].startswith("  1. Doc ") and "(dense, q·d " in lines[2]
+    assert rayrag_cli.main([*argv, "--retriever", "hybrid"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "Sources (hybrid retriever):" and ", fused " in lines[2]
+
+
+def test_bm25_and_hybrid_find_the_passage_holding_the_words(setup: dict[str, str]) -> None:
+    """BM25 agrees with bm25s's own Lucene BM25 over the whole corpus; hybrid keeps BM25's find."""
+    question = ["passage 17 about topic"]  # "17" is in document 17's passages only
+    bm25 = LocalRag.from_config(_config(setup, retrieval={"retriever": "bm25"}))
+    found = bm25.retrieve(question)
+    library = bm25s.BM25(method="lucene")
+    library.index(tokenize([passage_text(p) for p in bm25.passages], Bm25Params()), show_progress=False)
+    expected = library.get_scores(tokenize(question, Bm25Params())[0])  # (N,)
+    best = int(np.argmax(expected))
+    assert found.ids[0, 0] == bm25.passages[best].id and "passage 17 " in bm25.passages[best].text
+    assert found.found_by[0].tolist() == ["bm25"] * 3
+    np.testing.assert_allclose(found.scores[0], expected[found.ids[0]], rtol=1e-5)
+    np.testing.assert_allclose(found.doc_scores, found.scores)  # temperature 1: BM25 scores are the logits
+    hybrid = LocalRag.from_config(
+        _config(setup, retrieval={"retriever": "hybrid", "fusion": "rrf"})
+    ).retrieve(question)
+    slot = hybrid.ids[0].tolist().index(found.ids[0, 0])  # BM25's best is among hybrid's
+    assert "bm25" in hybrid.found_by[0][slot]
 
 
 def test_bad_input(setup: dict[str, str]) -> None:

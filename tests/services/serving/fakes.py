@@ -33,7 +33,7 @@ class FakeRetriever:
     def __init__(self) -> None:
         self.version, self.down = "v0001", False
 
-    def retrieve(self, question: str, k: int) -> Retrieved:
+    def retrieve(self, question: str, k: int, retriever: str | None = None) -> Retrieved:
         if self.down:
             raise ShardUnavailableError("no live replica for shards [0, 1]")
         words = set(question.lower().split())
@@ -55,6 +55,9 @@ class FakeRetriever:
             version=self.version,
             coverage=1.0,
             retrieve_ms=1.5,
+            retriever=retriever or "dense",
+            found_by=np.full(scores.shape, retriever or "dense"),
+            part_scores={retriever or "dense": scores},
         )
 
     def health(self) -> dict[str, Any]:

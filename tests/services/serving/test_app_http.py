@@ -71,6 +71,7 @@ def app(ray_session, tmp_path_factory):
     args = {
         "index": {"root": str(root), "follow_s": 0.3},
         "models": {"query_encoder": encoder, "generator": generator, "precision": "float32"},  # as in process
+        "retrieval": {"fusion": "rrf", "candidates": 50},  # hybrid requests fuse by RRF over the top-50
         "retriever": {"num_cpus": 0.5},
         "generator": {"num_cpus": 0.5},
         "admin_token": TOKEN,
@@ -206,6 +207,43 @@ def test_provenance_matches_the_shard_group(app):
             scores[1], default_doc_score_scale(encoder) * reference.scores[b], rtol=1e-4, atol=1e-4
         )
         assert CORPUS_V1[reference.ids[b][0]].text == reference.texts[b][0]
+
+
+def test_each_request_retrieves_with_the_retriever_it_asks_for(app):
+    """BM25 and hybrid over HTTP: the docs of a driver-side ShardGroup's BM25 and fusion, with provenance."""
+    from cluster.encoders import TextEncoder
+    from cluster.fusion import RetrievalConfig
+    from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from services.rag.model import default_doc_score_scale
+    from services.rag.retrieval import group_search, retrieve
+
+    questions = ["Where was the golden falcon5 seen?", "falcon11 Perth"]
+    encoder = TextEncoder.from_pretrained(app["encoder"])
+    group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
+    try:
+        expected = {
+            name: retrieve(
+                encoder, group_search(group), questions, 4, default_doc_score_scale(encoder), retrieval=config
+            )
+            for name in ("bm25", "hybrid")
+            for config in [RetrievalConfig(retriever=name, fusion="rrf", candidates=50)]
+        }
+    finally:
+        group.close()
+    for name, reference in expected.items():
+        body = app["client"].post("/v1/retrieve", json={"questions": questions, "k": 4, "retriever": name})
+        assert body.status_code == 200, body.text
+        for b, docs in enumerate(body.json()["results"]):
+            hits = reference.for_question(b, 4)
+            assert [d["id"] for d in docs] == hits.ids[0].tolist() and docs
+            assert [d["retriever"] for d in docs] == hits.found_by[0].tolist()
+            np.testing.assert_allclose([d["score"] for d in docs], hits.doc_scores[0], rtol=1e-4, atol=1e-4)
+    # hybrid: the 4 BM25 hits of "falcon11 Perth" (passages 7, 11, 15, 23) are also in the dense list
+    # of all 24 passages, so their two RRF terms put them first
+    docs = body.json()["results"][1]
+    assert sorted(d["id"] for d in docs) == [7, 11, 15, 23]
+    assert all(d["retriever"] == "dense+bm25" and d["bm25_score"] > 0 for d in docs)
+    assert all(0 < d["fused_score"] < 1 for d in docs)  # rank fusion values, not similarities
 
 
 def test_openai_client_plain_and_streaming(app):

@@ -55,6 +55,18 @@ def test_retrieve_one_question_or_several(client, backend):
     assert one["results"] == many["results"][1:] and one["index_version"] == "v0001"
 
 
+def test_the_retriever_asked_for_reaches_the_retriever_and_names_each_doc(client):
+    body = client.post("/v1/retrieve", json={"question": "fastest bird", "k": 2, "retriever": "bm25"}).json()
+    assert [(d["retriever"], d["bm25_score"], d["dense_score"]) for d in body["results"][0]] == [
+        ("bm25", 2.0, None),
+        ("bm25", 0.0, None),
+    ]
+    answer = client.post("/v1/answer", json={"question": "capital of Peru", "n_docs": 2}).json()
+    assert {d["retriever"] for d in answer["docs"]} == {"dense"} and answer["docs"][0]["fused_score"] is None
+    bad = client.post("/v1/retrieve", json={"question": "q", "retriever": "sparse"})
+    assert bad.status_code == 422 and "retriever" in bad.text
+
+
 def test_chat_cites_the_doc_holding_the_answer_plain_and_streamed(client):
     request = {
         "model": "m",
