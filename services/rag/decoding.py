@@ -18,6 +18,12 @@ from services.rag.stopping import StopCheck, check_stop
 
 NEG = -1.0e9  # transformers' "impossible" score
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PrefixFn = Callable[[torch.Tensor], None]
+"""Called after each step with the tokens (t,) of group 0 that no later step can change."""
+
+
+class Unproven(Exception):
+    """Decoding without the dropped passages could not prove that they leave the answer unchanged."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ def beam_search(
     forced_eos_id: int | None,
     config: BeamConfig,
     stop: StopCheck | None = None,
+    on_prefix: PrefixFn | None = None,
 ) -> Beams:
     """Beam search for G independent groups of n beams.
 
@@ -60,7 +67,7 @@ def beam_search(
     step(tokens (G, n), source (G, n)) -> log-probs (G, n, V): beam j now continues old beam
     source[g, j] of its group and appends tokens[g, j]. The token log-probs returned are the
     model's own, also where `forced_eos_id` overrides the choice at the last step. `stop` is
-    asked before each model step.
+    asked before each model step; `on_prefix` gets group 0's final prefix after each step.
     """
     groups, n, vocab = first.shape
     t_max, device = config.max_new_tokens, first.device
@@ -102,9 +109,19 @@ def beam_search(
         open_ = open_ & (best_running > worst_done).any(1, keepdim=True)
         if not open_.any() or hits.all():
             break
+        if on_prefix is not None:
+            live = torch.cat([run_tokens[0, run_scores[0] > NEG / 2], fin_tokens[0, fin_flag[0]]])  # (m, T)
+            on_prefix(final_prefix(live[:, : t + 1]))
         check_stop(stop, f"after {t + 1} of {t_max} steps")
         log_probs = step(run_tokens[:, :, t], run_source)
     return Beams(fin_tokens, fin_scores, fin_lp)
+
+
+def final_prefix(hyps: torch.Tensor) -> torch.Tensor:
+    """The tokens (t,) every hypothesis (m, T) starts with: the best answer will start with them
+    when `hyps` holds every live beam and every finished hypothesis."""
+    agree = (hyps == hyps[:1]).all(0).long().cumprod(0)  # (T,)
+    return hyps[0, : int(agree.sum())]
 
 
 def _merge_finished(old: tuple, new: tuple, n: int) -> tuple:
@@ -128,15 +145,26 @@ def rag_token_generate(
     doc_scores: torch.Tensor,
     config: BeamConfig,
     stop: StopCheck | None = None,
+    on_prefix: PrefixFn | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best."""
+    """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best.
+
+    dropped (B,): the p(z|x) mass of passages left out of `ctx` (greedy only); each step then
+    proves that they could not change its token, or raises Unproven.
+    """
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
+    if dropped is not None and n != 1:
+        raise ValueError(f"passages can be dropped from RAG-Token greedy decoding only, not {n} beams")
     doc_lp = doc_log_probs(doc_scores.float())[:, :, None, None]  # (B, K, 1, 1)
     base = (torch.arange(b * k, device=doc_lp.device) * n).view(b, k, 1)  # (B, K, 1)
 
     def marginal(per_row: torch.Tensor) -> torch.Tensor:
         joint = per_row.view(b, k, n, -1) + doc_lp  # (B, K, n, V)
-        return torch.log_softmax(joint.logsumexp(1), dim=-1)  # (B, n, V)
+        mixture = joint.logsumexp(1)  # (B, n, V)
+        if dropped is not None:
+            _prove_greedy(mixture[:, 0], dropped)
+        return torch.log_softmax(mixture, dim=-1)  # (B, n, V)
 
     state, first = generator.start(ctx, n)
 
@@ -152,8 +180,18 @@ def rag_token_generate(
         forced_eos_id=generator.forced_eos_id,
         config=config,
         stop=stop,
+        on_prefix=on_prefix,
     )
     return beams.tokens[:, 0]  # (B, T)
+
+
+def _prove_greedy(mixture: torch.Tensor, dropped: torch.Tensor) -> None:
+    """The dropped passages add at most `dropped` (B,) to any token's probability under the full
+    mixture; the greedy token stands when its lead over the second exceeds that. mixture: (B, V)
+    log Σ_z p(z|x) p(v|z) over the kept passages, p renormalised over them."""
+    top = (mixture.topk(2, dim=-1).values.double().exp() * (1 - dropped[:, None])).cpu()  # (B, 2)
+    if not bool((top[:, 0] - top[:, 1] > dropped.cpu()).all()):
+        raise Unproven("a token's lead is within the dropped passages' mass")
 
 
 def rag_sequence_generate(
@@ -163,13 +201,18 @@ def rag_sequence_generate(
     config: BeamConfig,
     thorough: bool = True,
     stop: StopCheck | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RAG-Sequence: beams per document, then each distinct hypothesis scored by p(y|x); (B, T) best.
 
     thorough: p(y|x,z) is computed for every document; fast: taken as 0 for documents whose
     beam search did not produce y. A hypothesis's token log-probs under the document whose beams
     produced it come from the beam search itself; only the other documents are rescored.
+    dropped (B,): the p(z|x) mass of passages left out of `ctx` ("fast" only); the best answer
+    is then proven to be the same with them, or Unproven is raised.
     """
+    if dropped is not None and thorough:
+        raise ValueError("passages can be dropped from RAG-Sequence 'fast' decoding only")
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
     state, first = generator.start(ctx, n)
     groups = torch.arange(b * k, device=first.device)[:, None] * n  # (B*K, 1)
@@ -209,7 +252,20 @@ def rag_sequence_generate(
         bos_id=generator.bos_id,
         doc_mask=pairs,
     )  # (N,)
+    if dropped is not None:
+        _prove_sequence(nll, example, dropped)
     return _best_per_example(nll, example, cands, b)
+
+
+def _prove_sequence(nll: torch.Tensor, example: torch.Tensor, dropped: torch.Tensor) -> None:
+    """With "fast" decoding the dropped passages add at most their mass m to p(y|x) of any answer,
+    and answers only they produce score at most m: the best stands when it leads the second by
+    more than m. nll (N,): -log p(y|x) with p(z|x) renormalised over the kept passages."""
+    p = (-nll.double()).exp().cpu() * (1 - dropped.cpu()[example.cpu()])  # (N,)
+    for b, mass in enumerate(dropped.cpu().tolist()):
+        top = p[example.cpu() == b].topk(min(2, int((example == b).sum())), dim=0).values.tolist() + [0.0]
+        if not top[0] - top[1] > mass:
+            raise Unproven(f"example {b}: the best answer's lead is within the dropped mass {mass:.3g}")
 
 
 def _distinct_hypotheses(hyps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

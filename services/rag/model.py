@@ -8,14 +8,17 @@ import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
-from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
-from services.rag.generator import Generator
-from services.rag.marginal import rag_sequence_nll, rag_token_nll
+from services.rag.decoding import BeamConfig, PrefixFn, Unproven, rag_sequence_generate, rag_token_generate
+from services.rag.generator import Contexts, Generator
+from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
 from services.rag.stopping import StopCheck, check_stop
 
 Mode = Literal["sequence", "token"]  # RAG-Sequence or RAG-Token
 Decoding = Literal["thorough", "fast"]
 DEFAULT_NORMALISED_SCALE = 20.0
+# Passages whose p(z|x) adds up to at most this are left out of a first decoding, kept only when it
+# proves they cannot change the answer (else the answer is decoded again with them).
+DROP_MASS = 0.01
 
 
 def default_doc_score_scale(query_encoder: TextEncoder) -> float:
@@ -40,10 +43,16 @@ def generate_answers(
     num_beams: int = 4,
     max_new_tokens: int = 32,
     stop: StopCheck | None = None,
+    on_prefix: PrefixFn | None = None,
+    drop_mass: float = DROP_MASS,
 ) -> list[str]:
     """Answer each question from its K passages and their doc scores (B, K); one string each.
 
-    `stop` is asked before the prefill and between decoding steps (GenerationStopped)."""
+    `stop` is asked before the prefill and between decoding steps (GenerationStopped);
+    `on_prefix` gets the first question's final tokens as they become final (RAG-Token).
+    With `drop_mass` > 0, RAG-Sequence "fast" and greedy RAG-Token first decode without the
+    least likely passages (p(z|x) summing to ≤ drop_mass) and keep that answer only when a bound
+    proves the full decoding gives the same one (`services/rag/decoding.py: Unproven`)."""
     if mode not in ("sequence", "token"):
         raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
     if decoding not in ("thorough", "fast"):
@@ -51,13 +60,44 @@ def generate_answers(
     config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
     ctx = generator.contexts(questions, titles, texts)
     scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
-    check_stop(stop, "before the prefill")
-    if mode == "token":
-        tokens = rag_token_generate(generator, ctx, scores, config, stop)  # (B, T)
-    else:
-        thorough = decoding == "thorough"
-        tokens = rag_sequence_generate(generator, ctx, scores, config, thorough, stop)
-    return generator.decode(tokens)
+
+    def run(ctx: Contexts, scores: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+        check_stop(stop, "before the prefill")
+        if mode == "token":
+            return rag_token_generate(generator, ctx, scores, config, stop, on_prefix, dropped)  # (B, T)
+        return rag_sequence_generate(generator, ctx, scores, config, decoding == "thorough", stop, dropped)
+
+    droppable = (mode, num_beams) == ("token", 1) or (mode, decoding) == ("sequence", "fast")
+    kept = kept_passages(ctx, scores, drop_mass) if droppable else None
+    if kept is not None:
+        try:
+            return generator.decode(run(*kept))
+        except Unproven:
+            pass
+    return generator.decode(run(ctx, scores))
+
+
+def kept_passages(
+    ctx: Contexts, scores: torch.Tensor, drop_mass: float
+) -> tuple[Contexts, torch.Tensor, torch.Tensor] | None:
+    """The contexts and doc scores (B, K') of each question's K' most likely passages, with the
+    p(z|x) mass (B,) left out; K' is the fewest that leave out ≤ drop_mass for every question.
+    None when every passage is kept."""
+    b, k = scores.shape
+    if drop_mass <= 0:
+        return None
+    probs = doc_log_probs(scores).exp()  # (B, K)
+    ascending = probs.sort(dim=1).values.double().cumsum(1)  # (B, K)
+    keep = k - int((ascending <= drop_mass).sum(1).min())
+    if keep == k:
+        return None
+    index = probs.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K') in passage order
+    rows = (index + torch.arange(b, device=index.device)[:, None] * k).reshape(-1)  # (B*K',)
+    mask = ctx.attention_mask[rows]  # (B*K', L)
+    used = mask.any(0)  # (L,) the columns some kept row has a token in (padding is at one end)
+    kept = Contexts(ctx.input_ids[rows][:, used], mask[:, used], keep)
+    dropped = (1 - probs.double().gather(1, index).sum(1)).clamp(min=0)  # (B,)
+    return kept, scores.gather(1, index), dropped
 
 
 class RagModel(torch.nn.Module):
