@@ -338,6 +338,7 @@ class GeneratorDeployment:
         self.held = 0  # requests admitted and not yet answered (event loop only)
         self.held_work = 0  # their work (`GenerateRequest.work`)
         self.working = 0  # of those, inside an engine call (engine thread only)
+        self.stopped = 0  # engine calls stopped because nobody waited for them any more
         self.seconds_per_work: float | None = None  # measured over the engine calls (moving average)
         self.engine_lock = threading.Lock()
         _set_batching(self._batched, config.batch)
@@ -413,8 +414,8 @@ class GeneratorDeployment:
         return alone if alone is not None and self.held <= batch else self.threads
 
     def load(self) -> dict[str, int]:
-        """Requests held (queued or decoding) and those being decoded now."""
-        return {"held": self.held, "working": self.working}
+        """Requests held (queued or decoding), those being decoded now, engine calls stopped."""
+        return {"held": self.held, "working": self.working, "stopped": self.stopped}
 
     def _hold(self, request: GenerateRequest, change: int) -> None:
         self.held += change
@@ -475,7 +476,10 @@ class GeneratorDeployment:
             torch.set_num_threads(self._threads(len(requests)))
             try:
                 yield start
-            except (GenerationStopped, ValueError):
+            except GenerationStopped:
+                self.stopped += 1
+                raise
+            except ValueError:
                 raise
             except Exception as error:
                 self.failure = error
