@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.rag.generator import Contexts, Generator
+from services.rag.generator import Contexts, DecodeState, Generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll
 from services.rag.stopping import StopCheck, check_stop
 
@@ -213,6 +213,14 @@ def rag_sequence_generate(
     """
     if dropped is not None and thorough:
         raise ValueError("passages can be dropped from RAG-Sequence 'fast' decoding only")
+    state, beams = sequence_beams(generator, ctx, config, stop)
+    return best_sequence(generator, beams, doc_scores, config.num_beams, state if thorough else None, dropped)
+
+
+def sequence_beams(
+    generator: Generator, ctx: Contexts, config: BeamConfig, stop: StopCheck | None = None
+) -> tuple[DecodeState, Beams]:
+    """Beam search per context row: (B*K) groups of n beams, and the state that scores more."""
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
     state, first = generator.start(ctx, n)
     groups = torch.arange(b * k, device=first.device)[:, None] * n  # (B*K, 1)
@@ -231,13 +239,27 @@ def rag_sequence_generate(
         stop=stop,
     )
     check_stop(stop, "before rescoring")
+    return state, beams
+
+
+def best_sequence(
+    generator: Generator,
+    beams: Beams,
+    doc_scores: torch.Tensor,
+    n: int,
+    state: DecodeState | None = None,
+    dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The best (B, T) of the (B*K) groups' beams by p(y|x): "thorough" with the `state` that
+    rescores every hypothesis under every document, "fast" without (`dropped` as above)."""
+    b, k = doc_scores.shape
     example, cands, inverse = _distinct_hypotheses(beams.tokens.view(b, k * n, -1))  # (N,), (N, T), (B*K*n,)
     row_doc = torch.arange(k, device=cands.device).repeat_interleave(n).repeat(b)  # (B*K*n,)
     produced = torch.zeros((cands.shape[0], k), dtype=torch.bool, device=cands.device)  # (N, K)
     produced[inverse, row_doc] = True
     token_ll = torch.zeros((cands.shape[0], k, cands.shape[1]), device=cands.device)  # (N, K, T)
     token_ll[inverse, row_doc] = beams.token_log_probs.view(b * k * n, -1)
-    pairs = produced if not thorough else torch.ones_like(produced)  # (N, K)
+    pairs = produced if state is None else torch.ones_like(produced)  # (N, K)
     cand_idx, doc_idx = (pairs & ~produced).nonzero(as_tuple=True)  # (P,), (P,)
     if cand_idx.numel():
         token_ll[cand_idx, doc_idx] = generator.score(state, example[cand_idx] * k + doc_idx, cands[cand_idx])
@@ -255,6 +277,20 @@ def rag_sequence_generate(
     if dropped is not None:
         _prove_sequence(nll, example, dropped)
     return _best_per_example(nll, example, cands, b)
+
+
+def merge_beams(first: Beams, second: Beams, first_docs: torch.Tensor, second_docs: torch.Tensor) -> Beams:
+    """The beams of (B*K1) and (B*K2) groups decoded apart as the (B*K) groups of one decoding:
+    first_docs (B, K1) and second_docs (B, K2) are each group's passage among the K."""
+    b = first_docs.shape[0]
+    order = torch.cat([first_docs, second_docs], dim=1).argsort(dim=1)  # (B, K) where each passage is
+
+    def joined(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([x.view(b, -1, *x.shape[1:]), y.view(b, -1, *y.shape[1:])], dim=1)  # (B, K, ...)
+        index = order.view(b, -1, *[1] * (both.dim() - 2)).expand_as(both)
+        return both.gather(1, index).flatten(0, 1)  # (B*K, ...)
+
+    return Beams(*(joined(x, y) for x, y in zip(vars(first).values(), vars(second).values(), strict=True)))
 
 
 def _prove_sequence(nll: torch.Tensor, example: torch.Tensor, dropped: torch.Tensor) -> None:

@@ -8,7 +8,16 @@ import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
-from services.rag.decoding import BeamConfig, PrefixFn, Unproven, rag_sequence_generate, rag_token_generate
+from services.rag.decoding import (
+    BeamConfig,
+    PrefixFn,
+    Unproven,
+    best_sequence,
+    merge_beams,
+    rag_sequence_generate,
+    rag_token_generate,
+    sequence_beams,
+)
 from services.rag.generator import Contexts, Generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
 from services.rag.stopping import StopCheck, check_stop
@@ -52,7 +61,8 @@ def generate_answers(
     `on_prefix` gets the first question's final tokens as they become final (RAG-Token).
     With `drop_mass` > 0, RAG-Sequence "fast" and greedy RAG-Token first decode without the
     least likely passages (p(z|x) summing to ≤ drop_mass) and keep that answer only when a bound
-    proves the full decoding gives the same one (`services/rag/decoding.py: Unproven`)."""
+    proves the full decoding gives the same one (`services/rag/decoding.py: Unproven`); else
+    RAG-Sequence decodes the passages left out and joins their beams, RAG-Token decodes again."""
     if mode not in ("sequence", "token"):
         raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
     if decoding not in ("thorough", "fast"):
@@ -60,30 +70,54 @@ def generate_answers(
     config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
     ctx = generator.contexts(questions, titles, texts)
     scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
+    check_stop(stop, "before the prefill")
+    if mode == "token":
+        kept = kept_passages(scores, drop_mass) if num_beams == 1 else None
+        if kept is not None:
+            index, dropped = kept
+            try:
+                sub = passages_of(ctx, index)
+                return generator.decode(
+                    rag_token_generate(
+                        generator, sub, scores.gather(1, index), config, stop, on_prefix, dropped
+                    )
+                )
+            except Unproven:
+                pass
+        return generator.decode(rag_token_generate(generator, ctx, scores, config, stop, on_prefix))  # (B, T)
+    if decoding == "thorough":
+        return generator.decode(rag_sequence_generate(generator, ctx, scores, config, True, stop))
+    return generator.decode(_sequence_fast(generator, ctx, scores, config, drop_mass, stop))
 
-    def run(ctx: Contexts, scores: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
-        check_stop(stop, "before the prefill")
-        if mode == "token":
-            return rag_token_generate(generator, ctx, scores, config, stop, on_prefix, dropped)  # (B, T)
-        return rag_sequence_generate(generator, ctx, scores, config, decoding == "thorough", stop, dropped)
 
-    droppable = (mode, num_beams) == ("token", 1) or (mode, decoding) == ("sequence", "fast")
-    kept = kept_passages(ctx, scores, drop_mass) if droppable else None
-    if kept is not None:
-        try:
-            return generator.decode(run(*kept))
-        except Unproven:
-            pass
-    return generator.decode(run(ctx, scores))
+def _sequence_fast(
+    generator: Generator,
+    ctx: Contexts,
+    scores: torch.Tensor,
+    config: BeamConfig,
+    drop_mass: float,
+    stop: StopCheck | None,
+) -> torch.Tensor:
+    """RAG-Sequence "fast" (B, T): first without the passages `kept_passages` leaves out, then,
+    unless that answer is proven, with their beams decoded and joined to the others'."""
+    kept = kept_passages(scores, drop_mass)
+    if kept is None:
+        return rag_sequence_generate(generator, ctx, scores, config, False, stop)
+    index, dropped = kept
+    _, beams = sequence_beams(generator, passages_of(ctx, index), config, stop)
+    try:
+        return best_sequence(generator, beams, scores.gather(1, index), config.num_beams, dropped=dropped)
+    except Unproven:
+        rest = complement(index, scores.shape[1])  # (B, K - K')
+        _, more = sequence_beams(generator, passages_of(ctx, rest), config, stop)
+        return best_sequence(generator, merge_beams(beams, more, index, rest), scores, config.num_beams)
 
 
-def kept_passages(
-    ctx: Contexts, scores: torch.Tensor, drop_mass: float
-) -> tuple[Contexts, torch.Tensor, torch.Tensor] | None:
-    """The contexts and doc scores (B, K') of each question's K' most likely passages, with the
-    p(z|x) mass (B,) left out; K' is the fewest that leave out ≤ drop_mass for every question.
-    None when every passage is kept."""
-    b, k = scores.shape
+def kept_passages(scores: torch.Tensor, drop_mass: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each question's K' most likely passages (B, K') in passage order, and the p(z|x) mass (B,)
+    of the others; K' is the fewest that leave out ≤ drop_mass for every question. None when
+    every passage is kept."""
+    k = scores.shape[1]
     if drop_mass <= 0:
         return None
     probs = doc_log_probs(scores).exp()  # (B, K)
@@ -91,13 +125,23 @@ def kept_passages(
     keep = k - int((ascending <= drop_mass).sum(1).min())
     if keep == k:
         return None
-    index = probs.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K') in passage order
+    index = probs.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K')
+    return index, (1 - probs.double().gather(1, index).sum(1)).clamp(min=0)
+
+
+def complement(index: torch.Tensor, k: int) -> torch.Tensor:
+    """The passages (B, K - K') not in index (B, K'), in passage order."""
+    left = torch.ones((index.shape[0], k), dtype=torch.bool, device=index.device).scatter(1, index, False)
+    return left.nonzero()[:, 1].view(index.shape[0], -1)
+
+
+def passages_of(ctx: Contexts, index: torch.Tensor) -> Contexts:
+    """The contexts of passages index (B, K') of each question, without all-padding columns."""
+    b, k = ctx.batch_size, ctx.n_docs
     rows = (index + torch.arange(b, device=index.device)[:, None] * k).reshape(-1)  # (B*K',)
     mask = ctx.attention_mask[rows]  # (B*K', L)
-    used = mask.any(0)  # (L,) the columns some kept row has a token in (padding is at one end)
-    kept = Contexts(ctx.input_ids[rows][:, used], mask[:, used], keep)
-    dropped = (1 - probs.double().gather(1, index).sum(1)).clamp(min=0)  # (B,)
-    return kept, scores.gather(1, index), dropped
+    used = mask.any(0)  # (L,) the columns some row has a token in (padding is at one end)
+    return Contexts(ctx.input_ids[rows][:, used], mask[:, used], index.shape[1])
 
 
 class RagModel(torch.nn.Module):
