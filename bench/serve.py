@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="questions the transformers loop and the exact decoding answer (0: none)",
     )
     parser.add_argument("--stream-questions", type=int, default=8, help="questions asked streamed (0: none)")
+    parser.add_argument(
+        "--ceiling-batch",
+        type=int,
+        default=None,
+        help="batch of the generator's ceiling (top level; default models 4; 0: none)",
+    )
     parser.add_argument("--config", default=None, help="the Serve config file (default: deploy.yaml)")
     args = parser.parse_args(argv)
     if args.requests is None:
@@ -454,10 +460,13 @@ def run_bench(args: argparse.Namespace, config, body: dict, url: str, port: int,
         pool = question_pool(args, passages)
         questions = [pool[i % len(pool)] for i in range(args.requests)]
         top = max(args.levels)
-        ceiling_batch = min(top, 4) if args.default_models else top
-        figures[f"generator_batching_ceiling_b{ceiling_batch}"] = generator_batching_ceiling(
-            app_args, passages, body, ceiling_batch
-        )
+        ceiling_batch = args.ceiling_batch if args.ceiling_batch is not None else top
+        if args.default_models and args.ceiling_batch is None:
+            ceiling_batch = min(top, 4)
+        if ceiling_batch:
+            figures[f"generator_batching_ceiling_b{ceiling_batch}"] = generator_batching_ceiling(
+                app_args, passages, body, ceiling_batch
+            )
         serve.start(
             http_options={"host": "127.0.0.1", "port": port},
             controller_options=config.controller_options or None,
