@@ -13,14 +13,20 @@ spent per answer. The answer latency's reference is a plain transformers loop (b
 transformers_loop.py): on the first `--loop-questions` questions, with the passages and doc
 scores the app returned for them, one `generate` per passage and RAG-Sequence "fast"
 marginalisation, on all cores in this process; loop_speedup = its p50 / the app's p50 at
-concurrency 1. The last line printed is one JSON object with every figure.
+concurrency 1. Streams: the first content chunk of the default streamed chat request at
+concurrency 1 (`first_chunk_p50_s_c1`), and whether each streamed text equals the plain answer of
+the same request with the streaming decoding (`stream_equals_answer`). The latency levers'
+reference is the exact decoding (every passage decoded) in this process on the loop's questions,
+with the passages and doc scores the app returned: `answers_identical_vs_exact` of
+`answers_compared_vs_exact`. Failed requests are counted by status code (`failed_c8`, `codes`),
+never raised. The last line printed is one JSON object with every figure, also after an error.
 
 With `--default-models` the request is the app's default (K=5, RAG-Sequence "fast", 4 beams,
 32 new tokens) over a fixed list of questions whose answers are in the first passages of the
 default corpus; tiny models default to 1 beam and 8 new tokens over "What is known about X?".
 
     python bench/serve.py                       # tiny models, 500 requests at 1, 8, 16
-    python bench/serve.py --requests 200 --default-models
+    python bench/serve.py --default-models      # 16 requests a level, about 10 min on 2 cores
 """
 
 import argparse
@@ -31,6 +37,8 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -89,7 +97,9 @@ DEFAULT_QUESTIONS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=500, help="requests per concurrency level")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="requests per concurrency level (500; default models 16)"
+    )
     parser.add_argument("--concurrency", default="1,8,16", help="comma-separated levels")
     parser.add_argument(
         "--default-models",
@@ -102,10 +112,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=None, help="default: 4, tiny models 1")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 32, tiny models 8")
     parser.add_argument(
-        "--loop-questions", type=int, default=8, help="questions the transformers loop answers (0: none)"
+        "--loop-questions",
+        type=int,
+        default=6,
+        help="questions the transformers loop and the exact decoding answer (0: none)",
+    )
+    parser.add_argument("--stream-questions", type=int, default=8, help="questions asked streamed (0: none)")
+    parser.add_argument(
+        "--ceiling-batch",
+        type=int,
+        default=None,
+        help="batch of the generator's ceiling (top level; default models 4; 0: none)",
     )
     parser.add_argument("--config", default=None, help="the Serve config file (default: deploy.yaml)")
     args = parser.parse_args(argv)
+    if args.requests is None:
+        args.requests = 16 if args.default_models else 500
     args.levels = [int(c) for c in args.concurrency.split(",")]
     if args.requests < 1 or min(args.levels) < 1 or args.loop_questions < 0:
         raise SystemExit(
@@ -168,22 +190,22 @@ def deploy(app_args: dict, batching: bool) -> None:
 
 
 async def load(url: str, questions: list[str], concurrency: int, body: dict) -> dict:
-    """Send every question with at most `concurrency` in flight; latency and model-time stats."""
-    latencies, model_ms, ingress_ms, failures = [], [], [], 0
+    """Send every question with at most `concurrency` in flight; latency and model-time stats of
+    the answers, and the failures by status code."""
+    latencies, model_ms, ingress_ms, codes = [], [], [], Counter()
     queue: asyncio.Queue[str] = asyncio.Queue()
     for question in questions:
         queue.put_nowait(question)
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal failures
         while not queue.empty():
             question = queue.get_nowait()
             start = time.perf_counter()
             response = await client.post("/v1/answer", json={**body, "question": question})
-            latencies.append((time.perf_counter() - start) * 1000)
             if response.status_code != 200:
-                failures += 1
+                codes[str(response.status_code)] += 1
                 continue
+            latencies.append((time.perf_counter() - start) * 1000)
             timings = response.json()["timings_ms"]
             model_ms.append(timings["retrieve"] + timings["generate"])
             ingress_ms.append(timings["total"])
@@ -194,19 +216,22 @@ async def load(url: str, questions: list[str], concurrency: int, body: dict) -> 
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     lat = np.array(latencies)
-    if failures:
-        raise RuntimeError(f"{failures} of {len(questions)} requests failed at concurrency {concurrency}")
     overhead = lat - np.array(model_ms)  # (N,) HTTP + proxy + ingress + handle hops + queueing
     proxy = lat - np.array(ingress_ms)  # (N,) the part outside the ingress replica
+
+    def p(values: np.ndarray, q: int) -> float | None:
+        return float(np.percentile(values, q)) if len(values) else None
+
     return {
         "concurrency": concurrency,
         "requests": len(questions),
-        "failures": failures,
-        "throughput_rps": len(questions) / wall,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "overhead_ms_p50": float(np.percentile(overhead, 50)),
-        "proxy_ms_p50": float(np.percentile(proxy, 50)),
+        "failures": sum(codes.values()),
+        "codes": dict(codes),
+        "throughput_rps": len(latencies) / wall,  # answers per second
+        "p50_ms": p(lat, 50),
+        "p99_ms": p(lat, 99),
+        "overhead_ms_p50": p(overhead, 50),
+        "proxy_ms_p50": p(proxy, 50),
     }
 
 
@@ -316,8 +341,9 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
 
 
 def loop_reference(url: str, generator: str, questions: list[str], body: dict) -> dict:
-    """The transformers loop against the app on `questions`: the app's answers, passages and doc
-    scores over HTTP one at a time, then the loop's seconds and answers on those passages."""
+    """The transformers loop and the exact decoding against the app on `questions`: the app's
+    answers, passages and doc scores over HTTP one at a time, then the loop's seconds and answers
+    on those passages, and how many of the app's answers the exact decoding gives too."""
     from bench.transformers_loop import time_loop
 
     with httpx.Client(base_url=url, timeout=300) as client:
@@ -329,7 +355,63 @@ def loop_reference(url: str, generator: str, questions: list[str], body: dict) -
         generator, questions, [s["docs"] for s in served], body["num_beams"], body["max_new_tokens"]
     )
     agree = [a == s["answer"] for a, s in zip(answers, served, strict=True)]
-    return {"loop_p50_s": float(np.percentile(seconds, 50)), "loop_answers_agree": sum(agree) / len(agree)}
+    exact = exact_answers(generator, questions, served, body)
+    return {
+        "loop_p50_s": float(np.percentile(seconds, 50)),
+        "loop_answers_agree": sum(agree) / len(agree),
+        "answers_identical_vs_exact": sum(e == s["answer"] for e, s in zip(exact, served, strict=True)),
+        "answers_compared_vs_exact": len(exact),
+    }
+
+
+def exact_answers(generator_name: str, questions: list[str], served: list[dict], body: dict) -> list[str]:
+    """The app's request decoded in this process over the passages and doc scores it served, with
+    no latency lever (every passage decoded)."""
+    import torch
+
+    from services.rag.generator import make_generator
+    from services.rag.loading import load_generator
+    from services.rag.model import generate_answers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    generator = make_generator(*load_generator(generator_name)).eval()
+    options = {key: body[key] for key in ("mode", "decoding", "num_beams", "max_new_tokens")}
+    return [
+        generate_answers(
+            generator,
+            [question],
+            [[d["title"] for d in s["docs"]]],
+            [[d["text"] for d in s["docs"]]],
+            np.array([[d["score"] for d in s["docs"]]], np.float32),
+            **options,
+            drop_mass=0.0,
+        )[0]
+        for question, s in zip(questions, served, strict=True)
+    ]
+
+
+def stream_reference(url: str, questions: list[str], body: dict) -> dict:
+    """The default streamed chat request at concurrency 1: seconds to its first content chunk, and
+    whether the streamed text equals the plain answer of the same request with the streaming
+    decoding (services/serving/api.py: STREAM_DEFAULTS)."""
+    from services.serving.api import STREAM_DEFAULTS
+
+    firsts, equal = [], []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for question in questions:
+            chat = {"messages": [{"role": "user", "content": question}], "n_docs": body["n_docs"]}
+            chat["max_tokens"] = body["max_new_tokens"]
+            start, first, pieces = time.perf_counter(), None, []
+            with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as response:
+                for line in response.iter_lines():
+                    delta = json.loads(line[6:])["choices"][0]["delta"] if line.startswith("data: {") else {}
+                    if delta.get("content"):
+                        first = first or time.perf_counter() - start
+                        pieces.append(delta["content"])
+            plain = client.post("/v1/chat/completions", json={**chat, **STREAM_DEFAULTS}).json()
+            equal.append("".join(pieces) == plain["choices"][0]["message"]["content"])
+            firsts.append(first if first is not None else float("nan"))
+    return {"first_chunk_p50_s_c1": float(np.percentile(firsts, 50)), "stream_equals_answer": all(equal)}
 
 
 def free_port() -> int:
@@ -360,11 +442,31 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "sequence",
         "decoding": "fast",
     }
+    figures: dict = {"models": "default" if args.default_models else "tiny", "requests": args.requests}
+    try:
+        run_bench(args, config, body, url, port, figures)
+    except Exception:  # the figures so far still go out, with what stopped the run
+        figures["error"] = traceback.format_exc(limit=3).strip().splitlines()[-1]
+        traceback.print_exc()
+    print(json.dumps(figures))
+    return 0 if "error" not in figures else 1
+
+
+def run_bench(args: argparse.Namespace, config, body: dict, url: str, port: int, figures: dict) -> None:
+    """Every figure into `figures` as it is measured: levels with batching on and off, the
+    references, the streams."""
     with tempfile.TemporaryDirectory(prefix="rayrag-bench-") as tmp:
         app_args, passages = build_index_and_models(args, Path(tmp), config.app_args)
         pool = question_pool(args, passages)
         questions = [pool[i % len(pool)] for i in range(args.requests)]
-        ceiling = generator_batching_ceiling(app_args, passages, body, max(args.levels))
+        top = max(args.levels)
+        ceiling_batch = args.ceiling_batch if args.ceiling_batch is not None else top
+        if args.default_models and args.ceiling_batch is None:
+            ceiling_batch = min(top, 4)
+        if ceiling_batch:
+            figures[f"generator_batching_ceiling_b{ceiling_batch}"] = generator_batching_ceiling(
+                app_args, passages, body, ceiling_batch
+            )
         serve.start(
             http_options={"host": "127.0.0.1", "port": port},
             controller_options=config.controller_options or None,
@@ -372,37 +474,46 @@ def main(argv: list[str] | None = None) -> int:
         try:
             deploy(app_args, batching=True)
             on = run_levels(url, questions, args.levels, body, "on")
-            loop = {"loop_p50_s": None, "loop_answers_agree": None}
+            figures.update(level_figures(on, args.levels))
+            if args.stream_questions:
+                figures.update(stream_reference(url, pool[: args.stream_questions], body))
             if args.loop_questions:
                 loop = loop_reference(url, app_args["models"]["generator"], pool[: args.loop_questions], body)
+                c1_s = figures.get("answer_p50_s_c1")
+                figures.update({**loop, "loop_speedup": loop["loop_p50_s"] / c1_s if c1_s else None})
             deploy(app_args, batching=False)
-            off = run_levels(url, questions, [max(args.levels)], body, "off")
+            off = run_levels(url, questions, [top], body, "off")
             serve.run(FloorIngress.bind(Echo.bind(), Echo.bind()), name="bench", route_prefix="/")
             floor = floor_ms_p50(url, questions[:300], body)
         finally:
             serve.shutdown()
+    overhead = figures["levels"][0]["overhead_ms_p50"]
+    on_top, off_top = figures["levels"][-1]["throughput_rps"], off[0]["throughput_rps"]
+    figures.update(
+        {
+            "overhead_ms_p50": overhead,
+            "floor_ms_p50": floor,
+            "overhead_over_floor": overhead / floor if overhead is not None else None,
+            f"batching_speedup_c{top}": on_top / off_top if off_top else None,
+            "levels": on + off,
+        }
+    )
+
+
+def level_figures(on: list[dict], levels: list[int]) -> dict:
+    """The summary keys of the levels with batching on."""
     by_level = {r["concurrency"]: r for r in on}
-    top = max(args.levels)
-    c1_s = by_level[1]["p50_ms"] / 1000 if 1 in by_level else None
-    summary = {
-        "models": "default" if args.default_models else "tiny",
-        "requests": args.requests,
-        "overhead_ms_p50": by_level[min(args.levels)]["overhead_ms_p50"],
-        "floor_ms_p50": floor,
-        "overhead_over_floor": by_level[min(args.levels)]["overhead_ms_p50"] / floor,
-        "batching_speedup_c16" if top == 16 else f"batching_speedup_c{top}": by_level[top]["throughput_rps"]
-        / off[0]["throughput_rps"],
-        f"generator_batching_ceiling_b{top}": ceiling,
+    c1_ms = by_level.get(1, {}).get("p50_ms")
+    return {
+        "levels": on,
         "p99_ms_c8": by_level.get(8, {}).get("p99_ms"),
-        "answer_p50_s_c1": c1_s,
-        **loop,
-        "loop_speedup": loop["loop_p50_s"] / c1_s if c1_s and loop["loop_p50_s"] else None,
+        "answer_p50_s_c1": c1_ms / 1000 if c1_ms is not None else None,
         "answers_per_s_c8": by_level.get(8, {}).get("throughput_rps"),
         "answers_per_s_c16": by_level.get(16, {}).get("throughput_rps"),
-        "levels": on + off,
+        "failed_c8": by_level.get(8, {}).get("failures"),
+        "failed_c16": by_level.get(16, {}).get("failures"),
+        "codes": {str(level): by_level[level]["codes"] for level in levels},
     }
-    print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

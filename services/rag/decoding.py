@@ -12,12 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from services.rag.generator import Contexts, Generator
+from services.rag.generator import Contexts, DecodeState, Generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll
 from services.rag.stopping import StopCheck, check_stop
 
 NEG = -1.0e9  # transformers' "impossible" score
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PrefixFn = Callable[[torch.Tensor], None]
+"""Called after each step with the tokens (t,) of group 0 that no later step can change."""
+
+
+class Unproven(Exception):
+    """Decoding without the dropped passages could not prove that they leave the answer unchanged."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ def beam_search(
     forced_eos_id: int | None,
     config: BeamConfig,
     stop: StopCheck | None = None,
+    on_prefix: PrefixFn | None = None,
 ) -> Beams:
     """Beam search for G independent groups of n beams.
 
@@ -60,7 +67,7 @@ def beam_search(
     step(tokens (G, n), source (G, n)) -> log-probs (G, n, V): beam j now continues old beam
     source[g, j] of its group and appends tokens[g, j]. The token log-probs returned are the
     model's own, also where `forced_eos_id` overrides the choice at the last step. `stop` is
-    asked before each model step.
+    asked before each model step; `on_prefix` gets group 0's final prefix after each step.
     """
     groups, n, vocab = first.shape
     t_max, device = config.max_new_tokens, first.device
@@ -102,9 +109,19 @@ def beam_search(
         open_ = open_ & (best_running > worst_done).any(1, keepdim=True)
         if not open_.any() or hits.all():
             break
+        if on_prefix is not None:
+            live = torch.cat([run_tokens[0, run_scores[0] > NEG / 2], fin_tokens[0, fin_flag[0]]])  # (m, T)
+            on_prefix(final_prefix(live[:, : t + 1]))
         check_stop(stop, f"after {t + 1} of {t_max} steps")
         log_probs = step(run_tokens[:, :, t], run_source)
     return Beams(fin_tokens, fin_scores, fin_lp)
+
+
+def final_prefix(hyps: torch.Tensor) -> torch.Tensor:
+    """The tokens (t,) every hypothesis (m, T) starts with: the best answer will start with them
+    when `hyps` holds every live beam and every finished hypothesis."""
+    agree = (hyps == hyps[:1]).all(0).long().cumprod(0)  # (T,)
+    return hyps[0, : int(agree.sum())]
 
 
 def _merge_finished(old: tuple, new: tuple, n: int) -> tuple:
@@ -128,15 +145,26 @@ def rag_token_generate(
     doc_scores: torch.Tensor,
     config: BeamConfig,
     stop: StopCheck | None = None,
+    on_prefix: PrefixFn | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best."""
+    """RAG-Token beam search over the document-marginalised next-token distribution; (B, T) best.
+
+    dropped (B,): the p(z|x) mass of passages left out of `ctx` (greedy only); each step then
+    proves that they could not change its token, or raises Unproven.
+    """
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
+    if dropped is not None and n != 1:
+        raise ValueError(f"passages can be dropped from RAG-Token greedy decoding only, not {n} beams")
     doc_lp = doc_log_probs(doc_scores.float())[:, :, None, None]  # (B, K, 1, 1)
     base = (torch.arange(b * k, device=doc_lp.device) * n).view(b, k, 1)  # (B, K, 1)
 
     def marginal(per_row: torch.Tensor) -> torch.Tensor:
         joint = per_row.view(b, k, n, -1) + doc_lp  # (B, K, n, V)
-        return torch.log_softmax(joint.logsumexp(1), dim=-1)  # (B, n, V)
+        mixture = joint.logsumexp(1)  # (B, n, V)
+        if dropped is not None:
+            _prove_greedy(mixture[:, 0], dropped)
+        return torch.log_softmax(mixture, dim=-1)  # (B, n, V)
 
     state, first = generator.start(ctx, n)
 
@@ -152,8 +180,18 @@ def rag_token_generate(
         forced_eos_id=generator.forced_eos_id,
         config=config,
         stop=stop,
+        on_prefix=on_prefix,
     )
     return beams.tokens[:, 0]  # (B, T)
+
+
+def _prove_greedy(mixture: torch.Tensor, dropped: torch.Tensor) -> None:
+    """The dropped passages add at most `dropped` (B,) to any token's probability under the full
+    mixture; the greedy token stands when its lead over the second exceeds that. mixture: (B, V)
+    log Σ_z p(z|x) p(v|z) over the kept passages, p renormalised over them."""
+    top = (mixture.topk(2, dim=-1).values.double().exp() * (1 - dropped[:, None])).cpu()  # (B, 2)
+    if not bool((top[:, 0] - top[:, 1] > dropped.cpu()).all()):
+        raise Unproven("a token's lead is within the dropped passages' mass")
 
 
 def rag_sequence_generate(
@@ -163,13 +201,26 @@ def rag_sequence_generate(
     config: BeamConfig,
     thorough: bool = True,
     stop: StopCheck | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RAG-Sequence: beams per document, then each distinct hypothesis scored by p(y|x); (B, T) best.
 
     thorough: p(y|x,z) is computed for every document; fast: taken as 0 for documents whose
     beam search did not produce y. A hypothesis's token log-probs under the document whose beams
     produced it come from the beam search itself; only the other documents are rescored.
+    dropped (B,): the p(z|x) mass of passages left out of `ctx` ("fast" only); the best answer
+    is then proven to be the same with them, or Unproven is raised.
     """
+    if dropped is not None and thorough:
+        raise ValueError("passages can be dropped from RAG-Sequence 'fast' decoding only")
+    state, beams = sequence_beams(generator, ctx, config, stop)
+    return best_sequence(generator, beams, doc_scores, config.num_beams, state if thorough else None, dropped)
+
+
+def sequence_beams(
+    generator: Generator, ctx: Contexts, config: BeamConfig, stop: StopCheck | None = None
+) -> tuple[DecodeState, Beams]:
+    """Beam search per context row: (B*K) groups of n beams, and the state that scores more."""
     b, k, n = ctx.batch_size, ctx.n_docs, config.num_beams
     state, first = generator.start(ctx, n)
     groups = torch.arange(b * k, device=first.device)[:, None] * n  # (B*K, 1)
@@ -188,13 +239,27 @@ def rag_sequence_generate(
         stop=stop,
     )
     check_stop(stop, "before rescoring")
+    return state, beams
+
+
+def best_sequence(
+    generator: Generator,
+    beams: Beams,
+    doc_scores: torch.Tensor,
+    n: int,
+    state: DecodeState | None = None,
+    dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The best (B, T) of the (B*K) groups' beams by p(y|x): "thorough" with the `state` that
+    rescores every hypothesis under every document, "fast" without (`dropped` as above)."""
+    b, k = doc_scores.shape
     example, cands, inverse = _distinct_hypotheses(beams.tokens.view(b, k * n, -1))  # (N,), (N, T), (B*K*n,)
     row_doc = torch.arange(k, device=cands.device).repeat_interleave(n).repeat(b)  # (B*K*n,)
     produced = torch.zeros((cands.shape[0], k), dtype=torch.bool, device=cands.device)  # (N, K)
     produced[inverse, row_doc] = True
     token_ll = torch.zeros((cands.shape[0], k, cands.shape[1]), device=cands.device)  # (N, K, T)
     token_ll[inverse, row_doc] = beams.token_log_probs.view(b * k * n, -1)
-    pairs = produced if not thorough else torch.ones_like(produced)  # (N, K)
+    pairs = produced if state is None else torch.ones_like(produced)  # (N, K)
     cand_idx, doc_idx = (pairs & ~produced).nonzero(as_tuple=True)  # (P,), (P,)
     if cand_idx.numel():
         token_ll[cand_idx, doc_idx] = generator.score(state, example[cand_idx] * k + doc_idx, cands[cand_idx])
@@ -209,7 +274,34 @@ def rag_sequence_generate(
         bos_id=generator.bos_id,
         doc_mask=pairs,
     )  # (N,)
+    if dropped is not None:
+        _prove_sequence(nll, example, dropped)
     return _best_per_example(nll, example, cands, b)
+
+
+def merge_beams(first: Beams, second: Beams, first_docs: torch.Tensor, second_docs: torch.Tensor) -> Beams:
+    """The beams of (B*K1) and (B*K2) groups decoded apart as the (B*K) groups of one decoding:
+    first_docs (B, K1) and second_docs (B, K2) are each group's passage among the K."""
+    b = first_docs.shape[0]
+    order = torch.cat([first_docs, second_docs], dim=1).argsort(dim=1)  # (B, K) where each passage is
+
+    def joined(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([x.view(b, -1, *x.shape[1:]), y.view(b, -1, *y.shape[1:])], dim=1)  # (B, K, ...)
+        index = order.view(b, -1, *[1] * (both.dim() - 2)).expand_as(both)
+        return both.gather(1, index).flatten(0, 1)  # (B*K, ...)
+
+    return Beams(*(joined(x, y) for x, y in zip(vars(first).values(), vars(second).values(), strict=True)))
+
+
+def _prove_sequence(nll: torch.Tensor, example: torch.Tensor, dropped: torch.Tensor) -> None:
+    """With "fast" decoding the dropped passages add at most their mass m to p(y|x) of any answer,
+    and answers only they produce score at most m: the best stands when it leads the second by
+    more than m. nll (N,): -log p(y|x) with p(z|x) renormalised over the kept passages."""
+    p = (-nll.double()).exp().cpu() * (1 - dropped.cpu()[example.cpu()])  # (N,)
+    for b, mass in enumerate(dropped.cpu().tolist()):
+        top = p[example.cpu() == b].topk(min(2, int((example == b).sum())), dim=0).values.tolist() + [0.0]
+        if not top[0] - top[1] > mass:
+            raise Unproven(f"example {b}: the best answer's lead is within the dropped mass {mass:.3g}")
 
 
 def _distinct_hypotheses(hyps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,14 +8,26 @@ import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
-from services.rag.decoding import BeamConfig, rag_sequence_generate, rag_token_generate
-from services.rag.generator import Generator
-from services.rag.marginal import rag_sequence_nll, rag_token_nll
+from services.rag.decoding import (
+    BeamConfig,
+    PrefixFn,
+    Unproven,
+    best_sequence,
+    merge_beams,
+    rag_sequence_generate,
+    rag_token_generate,
+    sequence_beams,
+)
+from services.rag.generator import Contexts, Generator
+from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
 from services.rag.stopping import StopCheck, check_stop
 
 Mode = Literal["sequence", "token"]  # RAG-Sequence or RAG-Token
 Decoding = Literal["thorough", "fast"]
 DEFAULT_NORMALISED_SCALE = 20.0
+# Passages whose p(z|x) adds up to at most this are left out of a first decoding, kept only when it
+# proves they cannot change the answer (else the answer is decoded again with them).
+DROP_MASS = 0.01
 
 
 def default_doc_score_scale(query_encoder: TextEncoder) -> float:
@@ -40,10 +52,17 @@ def generate_answers(
     num_beams: int = 4,
     max_new_tokens: int = 32,
     stop: StopCheck | None = None,
+    on_prefix: PrefixFn | None = None,
+    drop_mass: float = DROP_MASS,
 ) -> list[str]:
     """Answer each question from its K passages and their doc scores (B, K); one string each.
 
-    `stop` is asked before the prefill and between decoding steps (GenerationStopped)."""
+    `stop` is asked before the prefill and between decoding steps (GenerationStopped);
+    `on_prefix` gets the first question's final tokens as they become final (RAG-Token).
+    With `drop_mass` > 0, RAG-Sequence "fast" and greedy RAG-Token first decode without the
+    least likely passages (p(z|x) summing to ≤ drop_mass) and keep that answer only when a bound
+    proves the full decoding gives the same one (`services/rag/decoding.py: Unproven`); else
+    RAG-Sequence decodes the passages left out and joins their beams, RAG-Token decodes again."""
     if mode not in ("sequence", "token"):
         raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
     if decoding not in ("thorough", "fast"):
@@ -53,11 +72,76 @@ def generate_answers(
     scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
     check_stop(stop, "before the prefill")
     if mode == "token":
-        tokens = rag_token_generate(generator, ctx, scores, config, stop)  # (B, T)
-    else:
-        thorough = decoding == "thorough"
-        tokens = rag_sequence_generate(generator, ctx, scores, config, thorough, stop)
-    return generator.decode(tokens)
+        kept = kept_passages(scores, drop_mass) if num_beams == 1 else None
+        if kept is not None:
+            index, dropped = kept
+            try:
+                sub = passages_of(ctx, index)
+                return generator.decode(
+                    rag_token_generate(
+                        generator, sub, scores.gather(1, index), config, stop, on_prefix, dropped
+                    )
+                )
+            except Unproven:
+                pass
+        return generator.decode(rag_token_generate(generator, ctx, scores, config, stop, on_prefix))  # (B, T)
+    if decoding == "thorough":
+        return generator.decode(rag_sequence_generate(generator, ctx, scores, config, True, stop))
+    return generator.decode(_sequence_fast(generator, ctx, scores, config, drop_mass, stop))
+
+
+def _sequence_fast(
+    generator: Generator,
+    ctx: Contexts,
+    scores: torch.Tensor,
+    config: BeamConfig,
+    drop_mass: float,
+    stop: StopCheck | None,
+) -> torch.Tensor:
+    """RAG-Sequence "fast" (B, T): first without the passages `kept_passages` leaves out, then,
+    unless that answer is proven, with their beams decoded and joined to the others'."""
+    kept = kept_passages(scores, drop_mass)
+    if kept is None:
+        return rag_sequence_generate(generator, ctx, scores, config, False, stop)
+    index, dropped = kept
+    _, beams = sequence_beams(generator, passages_of(ctx, index), config, stop)
+    try:
+        return best_sequence(generator, beams, scores.gather(1, index), config.num_beams, dropped=dropped)
+    except Unproven:
+        rest = complement(index, scores.shape[1])  # (B, K - K')
+        _, more = sequence_beams(generator, passages_of(ctx, rest), config, stop)
+        return best_sequence(generator, merge_beams(beams, more, index, rest), scores, config.num_beams)
+
+
+def kept_passages(scores: torch.Tensor, drop_mass: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each question's K' most likely passages (B, K') in passage order, and the p(z|x) mass (B,)
+    of the others; K' is the fewest that leave out ≤ drop_mass for every question. None when
+    every passage is kept."""
+    k = scores.shape[1]
+    if drop_mass <= 0:
+        return None
+    probs = doc_log_probs(scores).exp()  # (B, K)
+    ascending = probs.sort(dim=1).values.double().cumsum(1)  # (B, K)
+    keep = k - int((ascending <= drop_mass).sum(1).min())
+    if keep == k:
+        return None
+    index = probs.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K')
+    return index, (1 - probs.double().gather(1, index).sum(1)).clamp(min=0)
+
+
+def complement(index: torch.Tensor, k: int) -> torch.Tensor:
+    """The passages (B, K - K') not in index (B, K'), in passage order."""
+    left = torch.ones((index.shape[0], k), dtype=torch.bool, device=index.device).scatter(1, index, False)
+    return left.nonzero()[:, 1].view(index.shape[0], -1)
+
+
+def passages_of(ctx: Contexts, index: torch.Tensor) -> Contexts:
+    """The contexts of passages index (B, K') of each question, without all-padding columns."""
+    b, k = ctx.batch_size, ctx.n_docs
+    rows = (index + torch.arange(b, device=index.device)[:, None] * k).reshape(-1)  # (B*K',)
+    mask = ctx.attention_mask[rows]  # (B*K', L)
+    used = mask.any(0)  # (L,) the columns some row has a token in (padding is at one end)
+    return Contexts(ctx.input_ids[rows][:, used], mask[:, used], index.shape[1])
 
 
 class RagModel(torch.nn.Module):

@@ -41,12 +41,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=status)).model_dump()
+
+
 def error_response(
     status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 class ApiError(Exception):
@@ -147,12 +150,20 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+STREAM_DEFAULTS = {"mode": "token", "decoding": "fast", "num_beams": 1}  # greedy RAG-Token
+
+
 class ChatRequest(DecodingOptions):
     """OpenAI chat completion request: the last user message is the question, and the turns before
     it count as services/serving/conversation.py says (system messages are ignored).
 
     OpenAI's sampling fields (temperature, top_p, ...) are accepted and ignored: answers come
     from RAG beam search. `max_tokens` / `max_completion_tokens` set `max_new_tokens`.
+
+    With `stream: true` and none of mode, decoding, num_beams given, the answer is decoded by
+    greedy RAG-Token (`STREAM_DEFAULTS`), whose tokens are final as soon as they are chosen; the
+    same request with those fields and without `stream` answers the same text. Every chunk's
+    text is final; the last chunk carries the docs and citations.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -176,14 +187,10 @@ class ChatRequest(DecodingOptions):
 
     def options(self) -> DecodingOptions:
         limit = self.max_completion_tokens or self.max_tokens or self.max_new_tokens
-        return DecodingOptions(
-            n_docs=self.n_docs,
-            mode=self.mode,
-            decoding=self.decoding,
-            num_beams=self.num_beams,
-            max_new_tokens=limit,
-            retriever=self.retriever,
-        )
+        decoding = {"mode": self.mode, "decoding": self.decoding, "num_beams": self.num_beams}
+        if self.stream and not self.model_fields_set & set(decoding):
+            decoding = STREAM_DEFAULTS
+        return DecodingOptions(n_docs=self.n_docs, max_new_tokens=limit, retriever=self.retriever, **decoding)
 
 
 def _turns(messages: list[ChatMessage]) -> list[Turn]:
@@ -252,15 +259,17 @@ ERRORS = {
     422: "A field is missing, unknown or out of range (the message names it), the request asks for "
     "more work (n_docs × num_beams × max_new_tokens) than the server's limit, or the generator "
     "cannot decode the question as asked.",
-    503: "No shard of the index can answer right now (the message names them), or the queues are "
-    "full: retry after the `Retry-After` header's seconds.",
+    503: "No shard of the index can answer right now (the message names them), the queues are "
+    "full, or the work queued ahead would not let the answer finish before its deadline: retry "
+    "after the `Retry-After` header's seconds.",
     504: "No answer within the server's deadline (args.limits.request_timeout_s); its decoding was stopped.",
 }
 
 
 RETRY_AFTER = {
     "Retry-After": {
-        "description": "Seconds to wait before retrying (when the queues are full).",
+        "description": "Seconds to wait before retrying (the queues are full, or the work ahead "
+        "takes about that long).",
         "schema": {"type": "integer"},
     }
 }
@@ -387,28 +396,49 @@ def chat_completion(request: ChatRequest, answer: AnswerResponse) -> dict[str, A
     }
 
 
-def chat_chunks(request: ChatRequest, answer: AnswerResponse) -> list[dict[str, Any]]:
-    """The same answer as `chat.completion.chunk` objects (role, words, stop + docs)."""
-    content, marks = cited(answer.answer, answer.docs)
-    base = {
+def chunk_base(request: ChatRequest) -> dict[str, Any]:
+    """The fields every `chat.completion.chunk` of one answer shares."""
+    return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": request.model,
     }
-    words = content.split(" ")
-    deltas = [{"role": "assistant", "content": ""}]
-    deltas += [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
-    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
-    chunks.append(
-        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], **_extras(answer, marks)}
-    )
-    return chunks
+
+
+def chunk(base: dict[str, Any], delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+def first_chunk(base: dict[str, Any]) -> dict[str, Any]:
+    return chunk(base, {"role": "assistant", "content": ""})
+
+
+def last_chunks(base: dict[str, Any], answer: AnswerResponse) -> list[dict[str, Any]]:
+    """What follows the answer's text: its citation marks, then the stop chunk with the docs."""
+    content, marks = cited(answer.answer, answer.docs)
+    marked = content[len(answer.answer.strip()) :]
+    chunks = [chunk(base, {"content": marked})] if marked else []
+    return [*chunks, {**chunk(base, {}, "stop"), **_extras(answer, marks)}]
+
+
+def chat_chunks(request: ChatRequest, answer: AnswerResponse) -> list[dict[str, Any]]:
+    """A whole answer as `chat.completion.chunk` objects (role, text, marks, stop + docs)."""
+    base = chunk_base(request)
+    text = [chunk(base, {"content": answer.answer.strip()})] if answer.answer.strip() else []
+    return [first_chunk(base), *text, *last_chunks(base, answer)]
+
+
+def event(payload: dict[str, Any]) -> str:
+    """One server-sent event as OpenAI streams them; `DONE` ends the stream."""
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
 
 
 def sse(chunks: list[dict[str, Any]]) -> list[str]:
-    """Server-sent events as OpenAI streams them, ending with `data: [DONE]`."""
-    return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    return [event(c) for c in chunks] + [DONE]
 
 
 def _extras(answer: AnswerResponse, marks: list[int]) -> dict[str, Any]:

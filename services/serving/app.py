@@ -2,10 +2,12 @@
 
 import asyncio
 import hmac
+import math
 import os
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
@@ -20,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cluster.shard_group import ShardUnavailableError
 from services.rag.retrieval import Retrieved
 from services.serving.api import (
+    DONE,
     ERROR_HANDLERS,
     MAX_BODY_BYTES,
     AnswerRequest,
@@ -31,14 +34,19 @@ from services.serving.api import (
     RetrieveRequest,
     RetrieveResponse,
     SwapRequest,
-    chat_chunks,
     chat_completion,
+    chunk,
+    chunk_base,
+    error_body,
+    event,
+    first_chunk,
+    last_chunks,
     responses,
-    sse,
 )
 from services.serving.conversation import generator_question, retrieval_query
 from services.serving.deployments import (
     AppConfig,
+    Generated,
     GeneratorDeployment,
     IngressConfig,
     RetrieverDeployment,
@@ -49,6 +57,17 @@ from services.serving.metrics import LATENCY_MS, REQUESTS
 
 ADMIN_TOKEN_ENV = "RAYRAG_ADMIN_TOKEN"
 T = TypeVar("T")
+
+
+@dataclass
+class OpenStream:
+    """A streamed answer whose first piece has come: its passages, that piece, the rest to come."""
+
+    found: Retrieved
+    first: str | Generated
+    rest: Any  # the Generator's stream (a DeploymentResponseGenerator): `__anext__`, `cancel`
+    start: float  # perf_counter() when the request came
+    mode: str
 
 
 @contextmanager
@@ -130,14 +149,10 @@ class Ingress:
             message = f"no answer within the deadline of {timeout:g} s; its decoding was stopped"
             raise ApiError(504, message) from error
 
-    async def _answer(
-        self, question: str, query: str, options: DecodingOptions, route: str, deadline: float
-    ) -> AnswerResponse:
-        """Timings are the replicas' in-process times and the total."""
-        start = time.perf_counter()
-        with _stage(route, "retrieve"):
-            found = await self.retrieve(query, options.n_docs, options.retriever)
-        request = GenerateRequest(
+    def _generate_request(
+        self, question: str, found: Retrieved, options: DecodingOptions, deadline: float
+    ) -> GenerateRequest:
+        return GenerateRequest(
             question=question,
             titles=found.titles[0],
             texts=found.texts[0],
@@ -148,21 +163,96 @@ class Ingress:
             max_new_tokens=options.max_new_tokens,
             deadline=deadline,
         )
-        with _stage(route, "generate"):
-            generated = await self._call("Generator", self.generator.generate.remote(request))
-            if generated.stopped:
-                raise ApiError(504, f"no answer within the deadline: {generated.error}")
-            if generated.error is not None:
-                raise ApiError(422, f"question cannot be answered as asked: {generated.error}")
-        total = (time.perf_counter() - start) * 1000
+
+    def _checked(self, generated: Generated) -> Generated:
+        """503 with Retry-After when the Generator refused it, 504 when stopped, 422 on bad input."""
+        if generated.wait_s is not None:
+            retry = max(1, math.ceil(generated.wait_s))
+            message = (
+                f"the Generator cannot answer before the deadline ({generated.error}); retry in {retry} s"
+            )
+            raise ApiError(503, message, headers={"Retry-After": str(retry)})
+        if generated.stopped:
+            raise ApiError(504, f"no answer within the deadline: {generated.error}")
+        if generated.error is not None:
+            raise ApiError(422, f"question cannot be answered as asked: {generated.error}")
+        return generated
+
+    def _response(self, found: Retrieved, generated: Generated, mode: str, start: float) -> AnswerResponse:
+        """Timings are the replicas' in-process times and the total."""
         return AnswerResponse(
             answer=generated.answer,
-            mode=options.mode,
+            mode=mode,
             index_version=found.version,
             index_coverage=found.coverage,
             docs=docs_of(found),
-            timings_ms={"retrieve": found.retrieve_ms, "generate": generated.generate_ms, "total": total},
+            timings_ms={
+                "retrieve": found.retrieve_ms,
+                "generate": generated.generate_ms,
+                "total": (time.perf_counter() - start) * 1000,
+            },
         )
+
+    async def _answer(
+        self, question: str, query: str, options: DecodingOptions, route: str, deadline: float
+    ) -> AnswerResponse:
+        start = time.perf_counter()
+        with _stage(route, "retrieve"):
+            found = await self.retrieve(query, options.n_docs, options.retriever)
+        request = self._generate_request(question, found, options, deadline)
+        with _stage(route, "generate"):
+            generated = self._checked(await self._call("Generator", self.generator.generate.remote(request)))
+        return self._response(found, generated, options.mode, start)
+
+    async def open_stream(
+        self, question: str, options: DecodingOptions, route: str, query: str | None = None
+    ) -> OpenStream:
+        """Retrieve, then start the Generator's stream and wait for its first piece, so that a
+        refusal, bad input or the deadline still answer with their status (503, 422, 504)."""
+        self.check_work(options)
+        start, timeout = time.perf_counter(), self.limits.request_timeout_s
+        deadline = time.time() + timeout
+        try:
+            with _stage(route, "retrieve"):
+                found = await asyncio.wait_for(
+                    self.retrieve(query or question, options.n_docs, options.retriever), timeout
+                )
+            request = self._generate_request(question, found, options, deadline)
+            rest = self.generator.options(stream=True).stream.remote(request)
+            try:
+                with _stage(route, "first_piece"):
+                    first = await asyncio.wait_for(
+                        self._call("Generator", rest.__anext__()), deadline - time.time()
+                    )
+                if isinstance(first, Generated):
+                    self._checked(first)
+            except BaseException:
+                rest.cancel()
+                raise
+        except asyncio.TimeoutError as error:
+            raise ApiError(
+                504, f"no answer within the deadline of {timeout:g} s; its decoding was stopped"
+            ) from error
+        return OpenStream(found, first, rest, start, options.mode)
+
+    async def chat_events(self, request: ChatRequest, opened: OpenStream) -> AsyncIterator[str]:
+        """The server-sent events of an opened stream: role, each final piece of text, then the
+        citation marks and the stop chunk with the docs (or an error event if the decoding
+        stopped). Closing it (the client left) stops the decoding at its next step."""
+        base, item = chunk_base(request), opened.first
+        try:
+            yield event(first_chunk(base))
+            while isinstance(item, str):
+                yield event(chunk(base, {"content": item}))
+                item = await opened.rest.__anext__()
+            if item.error is None:
+                for last in last_chunks(base, self._response(opened.found, item, opened.mode, opened.start)):
+                    yield event(last)
+            else:
+                yield event(error_body(504 if item.stopped else 422, item.error))
+            yield DONE
+        finally:
+            opened.rest.cancel()
 
     async def retrieve_many(
         self, questions: list[str], k: int, retriever: str | None = None
@@ -243,10 +333,11 @@ async def post_chat(body: ChatRequest, ingress: Backend) -> Any:
     guide retrieval and reach the generator (services/serving/conversation.py)."""
     turns = body.turns()
     question, query = generator_question(turns), retrieval_query(turns)
+    if body.stream:
+        opened = await ingress.open_stream(question, body.options(), "/v1/chat/completions", query)
+        return StreamingResponse(ingress.chat_events(body, opened), media_type="text/event-stream")
     answer = await ingress.answer(question, body.options(), "/v1/chat/completions", query)
-    if not body.stream:
-        return chat_completion(body, answer)
-    return StreamingResponse(iter(sse(chat_chunks(body, answer))), media_type="text/event-stream")
+    return chat_completion(body, answer)
 
 
 @router.get("/healthz", responses={503: {"description": "A shard has no live replica (same report)."}})

@@ -6,7 +6,10 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from services.rag.precision import Precision
 from services.rag.retrieval import Retrieved, group_search, retrieve
 from services.rag.stopping import GenerationStopped
 from services.serving.api import Doc
-from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
+from services.serving.engine import Emit, EngineFactory, GenerateRequest, RagEngine
 from services.serving.metrics import IN_FLIGHT, QUEUED
 
 
@@ -44,12 +47,13 @@ class BatchConfig(Config):
 class DeploymentConfig(Config):
     """Replicas (fixed, or a Serve autoscaling_config), CPUs per replica, batching, and the
     bounded queues: a replica works on `max_ongoing_requests` (default: two batches) and the
-    callers of a deployment hold at most `max_queued_requests` more; past that, 503."""
+    callers of a deployment hold at most `max_queued_requests` more; past that, 503.
+    `torch_threads` None: the CPUs Ray reserved for the replica, rounded up."""
 
     num_replicas: int = Field(1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = Field(1.0, ge=0)
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=1)
@@ -183,16 +187,30 @@ class AppConfig(Config):
         return cls(retriever=retriever, generator=generator, ingress=ingress)
 
 
+def reserved_threads(configured: int | None) -> int:
+    """`configured`, else the CPUs Ray reserved for this replica rounded up (1 outside Ray)."""
+    if configured is not None:
+        return configured
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return max(1, -int(-ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) // 1))
+
+
 @dataclass
 class Generated:
     """An answer, or `error` naming why this request's input cannot be decoded (→ 422), or why
-    its decoding was stopped (`stopped`: its caller left or its deadline passed)."""
+    its decoding was stopped (`stopped`: its caller left or its deadline passed), or why it was
+    refused (`wait_s`: it could not finish by its deadline behind the work queued ahead, which
+    takes about `wait_s` seconds)."""
 
     answer: str
     generate_ms: float
     batch_size: int
     error: str | None = None
     stopped: bool = False
+    wait_s: float | None = None
 
 
 class Ticket:
@@ -247,7 +265,7 @@ class RetrieverDeployment:
         from cluster.shard_group import ShardGroup, ShardGroupConfig
         from services.rag.model import default_doc_score_scale
 
-        torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(reserved_threads(config.torch_threads))
         self.config = config
         self.encoder = TextEncoder.from_pretrained(config.query_encoder).eval()
         self.doc_score_scale = default_doc_score_scale(self.encoder)
@@ -348,29 +366,85 @@ class RetrieverDeployment:
 
 @serve.deployment(name="Generator")
 class GeneratorDeployment:
-    """Answers with an injected engine (`RagEngine` by default); `@serve.batch` groups compatible
-    requests into one engine call, which stops once every request in it is void (`Ticket`)."""
+    """Answers with an injected engine (`RagEngine` by default): `@serve.batch` groups compatible
+    requests into one engine call, which stops once every request in it is void (`Ticket`);
+    `stream` answers one request piece by piece. One engine call runs at a time, and a request
+    that could not finish by its deadline behind the work held already is refused at once."""
 
     def __init__(self, config: GeneratorConfig, engine: EngineFactory = RagEngine):
-        torch.set_num_threads(config.torch_threads)
+        self.threads = reserved_threads(config.torch_threads)
+        torch.set_num_threads(self.threads)
         self.config = config
         self.engine = engine(config.generator, config.precision)
         self.failure: BaseException | None = None
-        self.held = 0  # requests inside `generate` (event loop only)
-        self.working = 0  # of those, inside an engine call (batch thread only)
+        self.held = 0  # requests admitted and not yet answered (event loop only)
+        self.held_work = 0  # their work (`GenerateRequest.work`)
+        self.working = 0  # of those, inside an engine call (engine thread only)
+        self.stopped = 0  # engine calls stopped because nobody waited for them any more
+        self.seconds_per_work: float | None = None  # measured over the engine calls (moving average)
+        self.engine_lock = threading.Lock()
         _set_batching(self._batched, config.batch)
+
+    def admit(self, request: GenerateRequest) -> Generated | None:
+        """None when the request can finish by its deadline behind the work held (or none is held,
+        or nothing is measured yet); else its refusal with the estimated wait."""
+        rate = self.seconds_per_work
+        if rate is None or request.deadline is None or not self.held:
+            return None
+        wait = self.held_work * rate
+        if time.time() + wait + request.work() * rate <= request.deadline:
+            return None
+        return Generated("", 0.0, 0, error=f"the work queued ahead takes about {wait:.1f} s", wait_s=wait)
 
     async def generate(self, request: GenerateRequest) -> Generated:
         """Answer one request; cancelling the call (caller gone, deadline) voids its ticket."""
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         ticket = Ticket(request.deadline)
-        self._hold(1)
+        self._hold(request, 1)
         try:
             return await self._batched(request, ticket)
         except asyncio.CancelledError:
             ticket.cancelled = True
             raise
         finally:
-            self._hold(-1)
+            self._hold(request, -1)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generated]:
+        """Answer one request as it decodes: the final pieces of its text, then its `Generated`
+        (the refusal alone when it is not admitted). Closing the stream voids its ticket."""
+        refused = self.admit(request)
+        if refused is not None:
+            yield refused
+            return
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        ticket = Ticket(request.deadline)
+        self._hold(request, 1)
+        decoding = asyncio.ensure_future(
+            asyncio.to_thread(
+                self._stream_one, request, ticket, partial(loop.call_soon_threadsafe, pieces.put_nowait)
+            )
+        )
+        decoding.add_done_callback(lambda _: (self._hold(request, -1), pieces.put_nowait(None)))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            yield await decoding
+        finally:  # also when the caller has gone: the decoding stops at its next step
+            ticket.cancelled = True
+
+    def _stream_one(self, request: GenerateRequest, ticket: Ticket, emit: Emit) -> Generated:
+        if ticket.void():
+            return _stopped("before decoding")
+        try:
+            with self._engine_call([request]) as started:
+                answer = self.engine.stream(request, ticket.void, emit)
+        except GenerationStopped as stopped:
+            return _stopped(str(stopped))
+        except ValueError as error:
+            return Generated("", 0.0, 1, error=str(error))
+        return Generated(answer, (time.perf_counter() - started) * 1000, 1)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, requests: list[GenerateRequest], tickets: list[Ticket]) -> list[Generated]:
@@ -379,14 +453,15 @@ class GeneratorDeployment:
     def _threads(self, batch: int) -> int:
         """All the replica's threads for a batch nobody else waits behind, else its share under load."""
         alone = self.config.torch_threads_alone
-        return alone if alone is not None and self.held <= batch else self.config.torch_threads
+        return alone if alone is not None and self.held <= batch else self.threads
 
     def load(self) -> dict[str, int]:
-        """Requests held (queued or decoding) and those being decoded now."""
-        return {"held": self.held, "working": self.working}
+        """Requests held (queued or decoding), those being decoded now, engine calls stopped."""
+        return {"held": self.held, "working": self.working, "stopped": self.stopped}
 
-    def _hold(self, change: int) -> None:
+    def _hold(self, request: GenerateRequest, change: int) -> None:
         self.held += change
+        self.held_work += change * request.work()
         self._report()
 
     def _report(self) -> None:
@@ -423,24 +498,40 @@ class GeneratorDeployment:
 
     def _generate_group(self, group: list[tuple[GenerateRequest, Ticket]]) -> list[Generated]:
         requests, tickets = [r for r, _ in group], [t for _, t in group]
-        start = time.perf_counter()
-        self.working += len(group)
-        self._report()
-        torch.set_num_threads(self._threads(len(group)))
         try:
-            answers = self.engine.generate(requests, stop=lambda: all(t.void() for t in tickets))
+            with self._engine_call(requests) as started:
+                answers = self.engine.generate(requests, stop=lambda: all(t.void() for t in tickets))
         except GenerationStopped as stopped:
             return [_stopped(str(stopped)) for _ in group]
-        except ValueError:
-            raise
-        except Exception as error:  # a broken engine, not bad input: check_health restarts us
-            self.failure = error
-            raise
-        finally:
-            self.working -= len(group)
-            self._report()
-        elapsed = (time.perf_counter() - start) * 1000
+        elapsed = (time.perf_counter() - started) * 1000
         return [Generated(answer=a, generate_ms=elapsed, batch_size=len(group)) for a in answers]
+
+    @contextmanager
+    def _engine_call(self, requests: list[GenerateRequest]) -> Iterator[float]:
+        """One engine call at a time, on the replica's threads; yields its start and measures the
+        seconds per unit of work of the calls that answer. A broken engine (not bad input, not a
+        stop) is kept for check_health, which restarts the replica."""
+        with self.engine_lock:
+            start = time.perf_counter()
+            self.working += len(requests)
+            self._report()
+            torch.set_num_threads(self._threads(len(requests)))
+            try:
+                yield start
+            except GenerationStopped:
+                self.stopped += 1
+                raise
+            except ValueError:
+                raise
+            except Exception as error:
+                self.failure = error
+                raise
+            finally:
+                self.working -= len(requests)
+                self._report()
+            sample = (time.perf_counter() - start) / sum(r.work() for r in requests)
+            last = self.seconds_per_work
+            self.seconds_per_work = sample if last is None else 0.7 * last + 0.3 * sample
 
     def check_health(self) -> None:
         if self.failure is not None:

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Protocol
 from services.rag.stopping import StopCheck
 
 if TYPE_CHECKING:
+    import torch
+
     from services.rag.precision import Precision
+
+Emit = Callable[[str], None]
+"""Receives the next piece of a streamed answer; the pieces joined are the answer."""
 
 
 @dataclass
@@ -25,6 +30,10 @@ class GenerateRequest:
     num_beams: int
     max_new_tokens: int
     deadline: float | None = None  # time.time() past which nobody waits for the answer
+
+    def work(self) -> int:
+        """Decoder rows × steps at most: n_docs × num_beams × max_new_tokens."""
+        return len(self.titles) * self.num_beams * self.max_new_tokens
 
     def batch_key(self) -> tuple:
         """Requests with equal keys go to the engine together, in one `generate` call."""
@@ -44,6 +53,11 @@ class Engine(Protocol):
         """
         ...
 
+    def stream(self, request: GenerateRequest, stop: StopCheck, emit: Emit) -> str:
+        """The answer of `generate([request])`, also given to `emit` piece by piece, each as soon
+        as no later step can change it; `stop` and the exceptions as for `generate`."""
+        ...
+
 
 EngineFactory = Callable[[str, "Precision"], Engine]
 """Builds an engine from the generator's name or path and its precision (`RagEngine` is one)."""
@@ -59,7 +73,12 @@ class RagEngine:
         model, tokenizer = load_generator(generator, precision=precision)
         self.generator = make_generator(model, tokenizer).eval()
 
-    def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
+    def generate(
+        self,
+        requests: list[GenerateRequest],
+        stop: StopCheck,
+        on_prefix: Callable[[torch.Tensor], None] | None = None,
+    ) -> list[str]:
         from services.rag.model import generate_answers
 
         first = requests[0]
@@ -74,4 +93,33 @@ class RagEngine:
             num_beams=first.num_beams,
             max_new_tokens=first.max_new_tokens,
             stop=stop,
+            on_prefix=on_prefix,
         )
+
+    def stream(self, request: GenerateRequest, stop: StopCheck, emit: Emit) -> str:
+        text = TextStream(lambda tokens: self.generator.decode(tokens[None])[0], emit)
+        [answer] = self.generate([request], stop, text.update)
+        text.finish(answer)
+        return answer
+
+
+class TextStream:
+    """Turns a growing prefix of final tokens into the pieces of text that no later token changes:
+    a prefix's text without its trailing spaces or partial characters."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], str], emit: Emit) -> None:
+        self.decode = decode
+        self.emit = emit
+        self.sent = ""
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """tokens (t,): the final prefix so far."""
+        self._send(self.decode(tokens).rstrip().rstrip("\ufffd"))
+
+    def finish(self, answer: str) -> None:
+        self._send(answer)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.emit(text[len(self.sent) :])
+            self.sent = text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from services.rag.retrieval import Retrieved
 from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving.app import Ingress, build_api
 from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig, LimitsConfig
-from services.serving.engine import GenerateRequest
+from services.serving.engine import Emit, GenerateRequest
 
 TOKEN = "test-admin-token"
 PASSAGES = [
@@ -83,6 +84,13 @@ class FakeEngine:
             raise ValueError("the prompt is longer than the generator's context")
         return [r.texts[int(np.argmax(r.doc_scores))].split()[0] for r in requests]
 
+    def stream(self, request: GenerateRequest, stop: StopCheck, emit: Emit) -> str:
+        """The answer in two pieces."""
+        [answer] = self.generate([request], stop)
+        for piece in (answer[:2], answer[2:]):
+            emit(piece)
+        return answer
+
 
 class BrokenEngine(FakeEngine):
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
@@ -92,11 +100,27 @@ class BrokenEngine(FakeEngine):
 class InProcessGenerator:
     """The Generator deployment's batch logic, one request per batch (`@serve.batch` needs Serve)."""
 
-    def __init__(self, engine: type[FakeEngine]) -> None:
+    def __init__(self, engine: type[FakeEngine] | type[SlowEngine]) -> None:
         self.deployment = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=engine)
 
     def generate(self, request: GenerateRequest):
-        return self.deployment.generate_batch([request])[0]
+        return self.deployment.admit(request) or self.deployment.generate_batch([request])[0]
+
+    def stream(self, request: GenerateRequest):
+        return self.deployment.stream(request)
+
+
+class LocalStream:
+    """DeploymentResponseGenerator stand-in over an async generator."""
+
+    def __init__(self, pieces: Any) -> None:
+        self.pieces = pieces
+
+    def __anext__(self) -> Any:
+        return self.pieces.__anext__()
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self.pieces.aclose())
 
 
 class LocalHandle:
@@ -109,7 +133,7 @@ class LocalHandle:
         return self
 
     def __getattr__(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(remote=lambda *args: _call(getattr(self.target, name), *args))
+        return SimpleNamespace(remote=lambda *args: _remote(getattr(self.target, name), *args))
 
     def broadcast(self, name: str, *args: Any) -> SimpleNamespace:
         async def results() -> list[Any]:
@@ -118,9 +142,18 @@ class LocalHandle:
         return SimpleNamespace(results_async=results)
 
 
-async def _call(method: Any, *args: Any) -> Any:
+def _remote(method: Any, *args: Any) -> Any:
+    """A stream for a method that returns an async generator, else an awaitable of its result."""
     result = method(*args)
+    return LocalStream(result) if inspect.isasyncgen(result) else _result(result)
+
+
+async def _result(result: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    return await _result(method(*args))
 
 
 def fake_backend() -> SimpleNamespace:
@@ -139,17 +172,27 @@ def api_over(
 
 class SlowEngine:
     """Takes one 5 ms step per 4 units of work (n_docs × num_beams × max_new_tokens, summed over
-    the batch), asking `stop` before each; answers with the best-scored passage's first word."""
+    the batch), asking `stop` before each; answers with the best-scored passage's first word.
+    A stream sends that word's first letter before its steps; `stopped` is set when one stops."""
 
     STEP_S = 0.005
 
     def __init__(self, generator: str, precision: str = "auto") -> None:
         self.pause = threading.Event()  # never set: a step is a bounded wait
+        self.stopped = threading.Event()
+
+    def stream(self, request: GenerateRequest, stop: StopCheck, emit: Emit) -> str:
+        answer = request.texts[int(np.argmax(request.doc_scores))].split()[0]
+        emit(answer[:1])
+        self.generate([request], stop)
+        emit(answer[1:])
+        return answer
 
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
         work = sum(len(r.titles) * r.num_beams * r.max_new_tokens for r in requests)
         for step in range(work // 4):
             if stop():
+                self.stopped.set()
                 raise GenerationStopped(f"generation stopped after {step} of {work // 4} steps")
             self.pause.wait(self.STEP_S)
         return [r.texts[int(np.argmax(r.doc_scores))].split()[0] for r in requests]

@@ -272,6 +272,44 @@ def test_openai_client_plain_and_streaming(app):
     assert [d["id"] for d in chunks[-1].model_extra["docs"]] == [d["id"] for d in docs]
 
 
+def _events(response: httpx.Response) -> list[dict]:
+    lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    return [json.loads(line.removeprefix("data: ")) for line in lines]
+
+
+def test_a_stream_equals_the_plain_answer_of_its_decoding(app):
+    """A stream naming no decoding decodes greedy RAG-Token piece by piece through Serve; the
+    pieces joined are the plain answer of the same request with that decoding."""
+    from services.serving.api import STREAM_DEFAULTS
+
+    request = {"messages": [{"role": "user", "content": "Where was the amber falcon3 seen?"}], "n_docs": 3}
+    plain = app["client"].post("/v1/chat/completions", json={**request, **STREAM_DEFAULTS}).json()
+    with app["client"].stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as response:
+        chunks = _events(response)
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+    assert "".join(pieces) == plain["choices"][0]["message"]["content"]
+    assert len([p for p in pieces if p]) > 2  # the text came in pieces, then the marks
+    assert chunks[-1]["docs"] == plain["docs"] and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_client_leaving_mid_stream_stops_its_decoding(app):
+    from ray import serve
+
+    generator = serve.get_deployment_handle("Generator", "rayrag-test")
+    before = generator.load.remote().result()["stopped"]
+    request = {"messages": [{"role": "user", "content": "Where was the red falcon0 seen?"}], "stream": True}
+    with app["client"].stream(
+        "POST", "/v1/chat/completions", json={**request, "max_tokens": 256}
+    ) as response:
+        for line in response.iter_lines():  # tiny random generators rarely end before 256 tokens
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+    deadline = time.time() + 60
+    while generator.load.remote().result()["stopped"] == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert generator.load.remote().result()["stopped"] == before + 1
+
+
 def test_health_and_index(app):
     health = app["client"].get("/healthz")
     index = app["client"].get("/v1/index").json()

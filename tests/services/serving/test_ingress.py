@@ -424,11 +424,11 @@ def test_a_batch_stops_decoding_once_every_request_in_it_is_void():
         batch = pool.submit(generator.generate_batch, [_request("a"), _request("b")], tickets)
         assert generator.engine.started.wait(30)
         tickets[0].cancelled = True
-        assert generator.load() == {"held": 0, "working": 2}  # one caller is still waiting
+        assert generator.load() == {"held": 0, "working": 2, "stopped": 0}  # one caller still waits
         tickets[1].cancelled = True
         out = batch.result(timeout=30)
     assert all(g.stopped and "generation stopped after" in g.error for g in out)
-    assert generator.load()["working"] == 0
+    assert generator.load() == {"held": 0, "working": 0, "stopped": 1}
 
 
 def test_every_request_is_counted_by_route_and_status(client, monkeypatch):

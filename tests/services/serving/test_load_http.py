@@ -85,14 +85,16 @@ def test_abandoned_requests_stop_decoding_and_free_the_replica(app):
     for connection in clients:  # the clients hang up
         connection.close()
     # Decoded to the end, the 8 requests would hold the replica for 8 × 1024 steps of 5 ms (41 s).
-    assert _wait_load(generator, lambda load: load == IDLE, timeout_s=5.0) < 5.0
+    assert _wait_load(generator, lambda load: load.items() >= IDLE.items(), timeout_s=5.0) < 5.0
     again = client.post("/v1/answer", json={"question": "river3"})
     assert again.status_code == 200 and again.json()["answer"] == normal.json()["answer"]
     assert again.json()["timings_ms"]["total"] / 1000 < 3 * usual_s + 2.0
 
 
 def test_full_queues_answer_503_with_retry_after(app):
-    """12 ongoing + 4 queued fit; of 24 concurrent maximal requests the rest are refused at once."""
+    """12 ongoing + 4 queued fit; of 24 concurrent maximal requests the rest are refused at once,
+    as are those that the Generator sees could not finish within the deadline behind the others
+    (about 5 s each), with the wait it estimates."""
     statuses = []
 
     def post(_: int) -> None:
@@ -100,15 +102,18 @@ def test_full_queues_answer_503_with_retry_after(app):
             f"{app['url']}/v1/answer", json={"question": "river1", **MAXIMAL}, timeout=httpx.Timeout(3.0)
         )
         statuses.append(response.status_code)
-        if response.status_code == 503:
+        message = response.json()["error"]["message"] if response.status_code == 503 else ""
+        if "at capacity" in message:
             assert response.headers["retry-after"] == "2"
-            assert "at capacity" in response.json()["error"]["message"]
+        elif message:
+            assert "the work queued ahead takes about" in message
+            assert int(response.headers["retry-after"]) >= 5
 
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         outcomes = list(pool.map(lambda i: _quietly(post, i), range(24)))
     assert statuses.count(503) >= 24 - 16, statuses  # at most 12 ongoing + 4 queued wait
     assert all(o in ("ok", "ReadTimeout") for o in outcomes), outcomes
-    _wait_load(app["generator"], lambda load: load == IDLE, timeout_s=30.0)
+    _wait_load(app["generator"], lambda load: load.items() >= IDLE.items(), timeout_s=30.0)
 
 
 def _quietly(post, i: int) -> str:
