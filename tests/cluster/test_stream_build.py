@@ -84,7 +84,7 @@ def _digests(root: Path, version: str) -> list[dict[str, str]]:
 
 def test_a_killed_build_resumes_without_reencoding_and_gives_identical_files(ray_session, tmp_path: Path):
     n, corpus = 60_000, lambda: synthetic_passages(60_000)
-    settings = {"shards": 2, "index_type": "IVF64,PQ8,RFlat", "max_worker_memory": "800MiB"}
+    settings = {"shards": 2, "index_type": "IVF64,PQ16x4fs,RFlat", "max_worker_memory": "800MiB"}
     reference = stream_build(corpus, _config(tmp_path / "reference", **settings))
     root = tmp_path / "resumed"
     with pytest.raises(_Killed):  # killed after two chunks
