@@ -22,7 +22,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.index_store import load_manifest, version_dir  # noqa: E402
+from cluster.index_store import load_manifest, published_version, version_dir  # noqa: E402
 from cluster.shard_group import ShardGroup, ShardGroupConfig  # noqa: E402
 from cluster.stream_build import BuildReport, StreamBuildConfig, stream_build  # noqa: E402
 from cluster.synthetic import MixtureEncoder, synthetic_passages  # noqa: E402
@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-worker-memory", default="2GiB")
     parser.add_argument("--queries", type=int, default=300, help="single-query searches timed")
     parser.add_argument("--root", default=None, help="where the index roots go (default: a temp dir)")
+    parser.add_argument(
+        "--serve-only", action="store_true", help="only serve ROOT/full (built by a run before)"
+    )
     return parser.parse_args()
 
 
@@ -128,6 +131,12 @@ def main() -> None:
     ray.init(
         num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
     )
+    if args.serve_only:
+        try:
+            print(json.dumps(serve(args, base / "full", published_version(base / "full"))))
+        finally:
+            ray.shutdown()
+        return
     try:
         small, _ = build(args, base / "quarter", args.n // 4, max(1, args.shards // 4))
         print("N/4 build:", small.seconds, small.peak_private, flush=True)
