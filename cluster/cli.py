@@ -10,28 +10,31 @@ from cluster.runtime import init_ray
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from cluster.index_build import build_index
-    from cluster.passages import load_corpus
+    from cluster.passages import iter_corpus
+    from cluster.stream_build import StreamBuildConfig, stream_build
 
-    passages = load_corpus(args.corpus, limit=args.limit)
-    init_ray(args.ray_address)
-    version = build_index(
-        passages,
-        args.index_root,
-        encoder=args.encoder,
+    config = StreamBuildConfig(
+        index_root=args.index_root,
         shards=args.shards,
         index_type=args.index_type,
+        encoder=args.encoder,
+        max_worker_memory=args.max_worker_memory,
+        work_dir=args.work_dir,
         batch_size=args.batch_size,
-        num_encoders=args.encoders,
+        encoders=args.encoders,
         encoder_threads=args.encoder_threads,
         encoder_cpus=args.encoder_cpus,
         publish=not args.no_publish,
     )
+    iter_corpus(args.corpus, args.limit)  # a bad corpus or limit fails before Ray starts
+    init_ray(args.ray_address)
+    report = stream_build(lambda: iter_corpus(args.corpus, args.limit), config)
     print(
-        f"built {version} under {args.index_root}: {len(passages)} passages, {args.shards} shards, "
-        f"index type {args.index_type!r}{'' if args.no_publish else ' (published)'}"
+        f"built {report.version} under {args.index_root}: {report.plan.count} passages, "
+        f"{args.shards} shards, index type {args.index_type!r}, recall@10 vs exact {report.recall_at_10:.3f} "
+        f"± {report.recall_ci95:.3f}{'' if args.no_publish else ' (published)'}"
     )
-    pin = f" --index-version {version}" if args.no_publish else ""
+    pin = f" --index-version {report.version}" if args.no_publish else ""
     print(
         f"serve it with: rayrag serve --index-root {args.index_root}{pin} "
         f"(replicas per shard: index.shard_replicas in deploy.yaml)"
@@ -104,6 +107,16 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     build.add_argument("--batch-size", type=_positive, default=16, help="passages per encoder forward pass")
     build.add_argument("--limit", type=_positive, default=None, help="keep the first N passages")
     build.add_argument("--no-publish", action="store_true", help="write the version without publishing it")
+    build.add_argument(
+        "--max-worker-memory",
+        default="4GiB",
+        help="memory budget of one build worker, e.g. 4GiB: chunk sizes follow; a plan over it is refused",
+    )
+    build.add_argument(
+        "--work-dir",
+        default=None,
+        help="where a build keeps its resumable steps (default INDEX_ROOT/.build-ID)",
+    )
     build.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")
     build.set_defaults(run=run_build)
     listing = actions.add_parser("list", help="list an index root's versions and the published one")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from cluster.encoders import TextEncoder
+    from cluster.synthetic import MixtureEncoder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class EncoderWorker:
     """Holds one document encoder; made a Ray actor by `encode_on_ray`. Construction is cheap, so
     an actor that has answered `started` is placed; `load` then loads the model."""
 
-    encoder: TextEncoder  # set by `load`
+    encoder: TextEncoder | MixtureEncoder  # set by `load`
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
@@ -72,7 +73,13 @@ class EncoderWorker:
         return True
 
     def load(self, encoder: str, encoder_state: dict | None) -> tuple[str, int, str]:
-        """Load the encoder (optionally with trained weights); returns (name, dim, fingerprint)."""
+        """Load the encoder (optionally with trained weights); returns (name, dim, fingerprint).
+        A `synthetic:…` name loads a `MixtureEncoder` (vectors from passage ids, no model)."""
+        from cluster.synthetic import PREFIX, MixtureEncoder
+
+        if encoder.startswith(PREFIX):
+            self.encoder = MixtureEncoder.parse(encoder)
+            return self.encoder.name, self.encoder.dim, self.encoder.fingerprint()
         import torch
 
         from cluster.encoders import TextEncoder
@@ -90,6 +97,24 @@ class EncoderWorker:
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         return self.encoder.encode(texts, batch_size=batch_size)  # (n, d) float32
+
+    def write_chunk(
+        self, work: str, chunk: int, ids: list[int], titles: list[str], texts: list[str], batch_size: int
+    ) -> dict:
+        """Encode one chunk and write its vector and passage files under `work` (a streaming build);
+        returns the rows, seconds and this worker's peak private bytes."""
+        from cluster.build_work import WorkDir, peak_private_bytes, reset_peak_memory
+        from cluster.build_work import write_chunk as write_files
+        from cluster.synthetic import MixtureEncoder
+
+        reset_peak_memory()
+        began = time.monotonic()
+        if isinstance(self.encoder, MixtureEncoder):  # vectors from ids: ids of a chunk are contiguous
+            vectors = self.encoder.vectors(ids[0], ids[-1] + 1)  # (n, d)
+        else:
+            vectors = self.encoder.encode(texts, batch_size=batch_size)  # (n, d)
+        write_files(WorkDir(work), chunk, vectors, ids, titles, texts)
+        return {"rows": len(ids), "seconds": time.monotonic() - began, "peak_private": peak_private_bytes()}
 
 
 def waiting_message(plan: EncoderPlan, free_cpus: float, total_cpus: float) -> str:

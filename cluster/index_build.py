@@ -56,7 +56,7 @@ def default_search_params(index_type: str) -> dict[str, float]:
     if match := _IVF.search(index_type):
         params["nprobe"] = float(min(int(match.group(1)), 64))
     if index_type.rstrip().endswith("RFlat"):
-        params["k_factor_rf"] = 4.0
+        params["k_factor_rf"] = 16.0  # re-rank 16k candidates exactly from the mmapped vectors
     return params
 
 

@@ -55,6 +55,9 @@ class Manifest:
     search_params: dict[str, float] = field(default_factory=dict)
     bm25: dict | None = None  # cluster/bm25.py's statistics and settings; None: a version without BM25
     format: int = FORMAT
+    recall_at_10: float | None = None  # sharded index vs exact search, measured before publish
+    recall_ci95: float | None = None  # half-width of its 95 % interval over the sampled queries
+    build_fingerprint: str = ""  # names the streaming build's work directory
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

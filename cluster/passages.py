@@ -143,11 +143,16 @@ def _corpus_docs(spec: str) -> Iterator[tuple[str, str]]:
     )
 
 
-def load_corpus(spec: str, limit: int | None = None) -> list[Passage]:
-    """Load and chunk a corpus; `limit` keeps the first passages (their ids do not change)."""
+def iter_corpus(spec: str, limit: int | None = None) -> Iterator[Passage]:
+    """Stream a corpus's passages (a JSONL file line by line); `limit` keeps the first ones."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be ≥ 1 or None, got {limit}")
-    passages = list(islice(iter_passages(_corpus_docs(spec)), limit))
+    return islice(iter_passages(_corpus_docs(spec)), limit)
+
+
+def load_corpus(spec: str, limit: int | None = None) -> list[Passage]:
+    """Load and chunk a corpus; `limit` keeps the first passages (their ids do not change)."""
+    passages = list(iter_corpus(spec, limit))
     if not passages:
         raise ValueError(f"corpus {spec!r} is empty")
     return passages

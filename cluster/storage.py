@@ -115,3 +115,16 @@ def delete_dir(location: str | Path) -> None:
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy one file between locations of any kind, visible at `target` only once complete."""
+    source_fs, source_path = resolve(source)
+    if isinstance(source_fs, pafs.LocalFileSystem):
+        upload(source_path, target)
+        return
+    fs, path = resolve(target)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pafs.copy_files(source_path, path, source_filesystem=source_fs, destination_filesystem=fs)
+        return
+    download(source, target)
