@@ -4,16 +4,13 @@ and a swap to a version published there."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.cluster_script import run_cluster_script
 from tests.s3_server import BUCKET, moto_server, s3_env
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
@@ -153,20 +150,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_three_nodes_serve_an_object_store_index(tmp_path: Path) -> None:
-    script = tmp_path / "three_nodes.py"
-    script.write_text(SCRIPT)
-    repo = Path(__file__).resolve().parents[2]
     with moto_server() as endpoint:
-        done = subprocess.run(
-            [sys.executable, str(script), f"s3://{BUCKET}/served", str(tmp_path / "local"), str(tmp_path)],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, **s3_env(endpoint), "PYTHONPATH": str(repo)},
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+        args = (f"s3://{BUCKET}/served", str(tmp_path / "local"), str(tmp_path))
+        report = run_cluster_script(tmp_path, SCRIPT, *args, timeout=300, env=s3_env(endpoint))
     # the half-uploaded v0002 is invisible; the published v0001 is served and answers as one flat index
     assert report["versions"] == [report["version"]] == [report["served"]]
     assert report["coverage"] == 1.0 and report["ids_equal"] and report["second_equal"]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.cluster_script import run_cluster_script
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
 
@@ -62,19 +60,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_shards_spread_over_two_nodes(tmp_path: Path) -> None:
-    script = tmp_path / "two_nodes.py"
-    script.write_text(SCRIPT)
-    repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "index")],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=200,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_cluster_script(tmp_path, SCRIPT, str(tmp_path / "index"), timeout=200)
     assert report["cluster_nodes"] == 2 and report["coverage"] == 1.0 and report["ids_equal"]
     placed = {node for row in report["nodes"] for node in row}
     assert len(placed) == 2, report  # 2 shards × 2 replicas, SPREAD over both nodes

@@ -3,14 +3,12 @@ and the shards' add tasks run on all three nodes."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.cluster_script import run_cluster_script
 
 pytestmark = pytest.mark.slow
 
@@ -54,19 +52,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_add_tasks_run_on_every_node(tmp_path: Path) -> None:
-    script = tmp_path / "three_nodes.py"
-    script.write_text(SCRIPT)
-    repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "index")],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_cluster_script(tmp_path, SCRIPT, str(tmp_path / "index"), timeout=300)
     assert len(report["nodes"]) == 3 and len(report["add_nodes"]) == 3
     assert set(report["add_nodes"]) == set(report["nodes"]), report  # one shard's add task per node
     assert report["recall"] == 1.0  # Flat: exact
