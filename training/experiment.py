@@ -151,7 +151,7 @@ def _qa_rows(examples: list[QAExample]) -> list[dict]:
     return [{"question": e.question, "answers": list(e.answers)} for e in examples]
 
 
-def _sample(examples: list[QAExample], count: int | None, seed: int) -> list[QAExample]:
+def sample_questions(examples: list[QAExample], count: int | None, seed: int) -> list[QAExample]:
     """`count` examples drawn without replacement (all of them when None or too few), in file order."""
     if count is None or count >= len(examples):
         return examples
@@ -172,8 +172,8 @@ def write_data(cfg: ExperimentData, folder: Path) -> dict:
     for title, examples in squad_qa_by_article(source):
         (test if title in held_out else train).extend(examples)
     folder.mkdir(parents=True, exist_ok=True)
-    train = _sample(train, cfg.train_questions, cfg.seed)
-    test = _sample(test, cfg.test_questions, cfg.seed)
+    train = sample_questions(train, cfg.train_questions, cfg.seed)
+    test = sample_questions(test, cfg.test_questions, cfg.seed)
     _write_jsonl(folder / "train.jsonl", _qa_rows(train))
     _write_jsonl(folder / "test.jsonl", _qa_rows(test))
     distractors = [
