@@ -188,12 +188,12 @@ class AppConfig(Config):
 
 
 def reserved_threads(configured: int | None) -> int:
-    """`configured`, else the CPUs Ray reserved for this replica rounded up (1 outside Ray)."""
+    """`configured`, else the CPUs Ray reserved for this replica rounded up (1 outside a Ray worker)."""
     if configured is not None:
         return configured
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return 1
     return max(1, -int(-ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) // 1))
 
