@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,13 @@ def serve(args: argparse.Namespace, root: Path, version: str) -> dict:
     queries = MixtureEncoder(args.dim, clusters=1024, spread=0.5, seed=0).queries(
         max(64 * 10, args.queries), 9
     )
-    group = ShardGroup(
-        ShardGroupConfig(index_root=str(root), verify_checksums=False, call_timeout_s=600), version
+    # One replica per shard, all on this node: each may reserve only its share of Ray's CPUs (the
+    # default, one CPU each, leaves shards past the CPU count unplaced until start_timeout_s).
+    shard_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.shards)
+    config = ShardGroupConfig(
+        index_root=str(root), verify_checksums=False, call_timeout_s=600, shard_cpus=shard_cpus
     )
+    group = ShardGroup(config, version)
     try:
         group.search(queries[:8], 10)  # warm
         single = []
@@ -124,54 +129,81 @@ def serve(args: argparse.Namespace, root: Path, version: str) -> dict:
     }
 
 
+def attempt(errors: dict[str, str], step: str, run: Callable[[], dict]) -> dict:
+    """`run()`, or {} with the error kept under `step`: a failed step leaves its figures null."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 (reported in the JSON line, the other steps still run)
+        errors[step] = f"{type(error).__name__}: {error}"
+        print(f"{step} failed: {errors[step]}", file=sys.stderr, flush=True)
+        return {}
+
+
+def build_figures(args: argparse.Namespace, base: Path, errors: dict[str, str]) -> dict:
+    """The N/4 and N builds and the killed-and-resumed one; whatever could not be measured is absent."""
+    small = attempt(
+        errors,
+        "build_n_over_4",
+        lambda: {"report": build(args, base / "quarter", args.n // 4, max(1, args.shards // 4))[0]},
+    ).get("report")
+    if small is not None:
+        print("N/4 build:", small.seconds, small.peak_private, flush=True)
+    full = attempt(
+        errors,
+        "build_n",
+        lambda: dict(zip(("report", "seconds"), build(args, base / "full", args.n, args.shards))),
+    )
+    if not full:
+        return {}
+    report, full_s = full["report"], full["seconds"]
+    print("N build:", round(full_s, 1), "s", report.seconds, report.peak_private, flush=True)
+    resume = attempt(errors, "resume", lambda: killed_and_resumed(args, base / "resumed", report, full_s))
+    print("resume:", resume, flush=True)
+    peak = max(report.peak_private.values())
+    return {
+        "version": report.version,
+        "build_vectors_per_s": args.n / full_s,
+        "build_s": full_s,
+        **{f"{step}_s": report.seconds.get(step) for step in ("encode", "train", "add", "verify", "bm25")},
+        "peak_rss_build_worker_mb": peak / 2**20,
+        "peak_rss_by_worker_mb": {k: round(v / 2**20, 1) for k, v in report.peak_private.items()},
+        "peak_rss_ratio_4n_vs_n": peak / max(small.peak_private.values()) if small else None,
+        "recall_at_10": report.recall_at_10,
+        "recall_ci95": report.recall_ci95,
+        **{k: resume.get(k) for k in ("resume_cost_ratio", "identical_files")},
+    }
+
+
+FIGURES = (
+    "build_vectors_per_s", "build_s", "encode_s", "train_s", "add_s", "verify_s", "bm25_s",
+    "peak_rss_build_worker_mb", "peak_rss_by_worker_mb", "peak_rss_ratio_4n_vs_n", "recall_at_10",
+    "recall_ci95", "resume_cost_ratio", "identical_files", "qps_b1", "qps_b64", "p99_ms_b1",
+    "serve_rss_per_shard_fraction", "bytes_per_vector",
+)  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     base = Path(args.root or tempfile.mkdtemp(prefix="rayrag-scale-"))
     args.root_full = str(base / "full")
+    errors: dict[str, str] = {}
+    figures: dict = {}
     ray.init(
         num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
     )
-    if args.serve_only:
-        try:
-            print(json.dumps(serve(args, base / "full", published_version(base / "full"))))
-        finally:
-            ray.shutdown()
-        return
     try:
-        small, _ = build(args, base / "quarter", args.n // 4, max(1, args.shards // 4))
-        print("N/4 build:", small.seconds, small.peak_private, flush=True)
-        full, full_s = build(args, base / "full", args.n, args.shards)
-        print("N build:", round(full_s, 1), "s", full.seconds, full.peak_private, flush=True)
-        resume = killed_and_resumed(args, base / "resumed", full, full_s)
-        print("resume:", resume, flush=True)
-        served = serve(args, base / "full", full.version)
+        if args.serve_only:
+            version = published_version(base / "full")
+        else:
+            figures = build_figures(args, base, errors)
+            version = figures.pop("version", None)
+        if version is not None:
+            figures |= attempt(errors, "serve", lambda: serve(args, base / "full", version))
     finally:
         ray.shutdown()
-    print(
-        json.dumps(
-            {
-                "n": args.n,
-                "dim": args.dim,
-                "index_type": args.index_type,
-                "shards": args.shards,
-                "nodes": 1,
-                "max_worker_memory": args.max_worker_memory,
-                "build_vectors_per_s": args.n / full_s,
-                "build_s": full_s,
-                "train_s": full.seconds["train"],
-                "add_s": full.seconds["add"],
-                "encode_s": full.seconds["encode"],
-                "verify_s": full.seconds["verify"],
-                "peak_rss_build_worker_mb": max(full.peak_private.values()) / 2**20,
-                "peak_rss_by_worker_mb": {k: round(v / 2**20, 1) for k, v in full.peak_private.items()},
-                "peak_rss_ratio_4n_vs_n": max(full.peak_private.values()) / max(small.peak_private.values()),
-                "recall_at_10": full.recall_at_10,
-                "recall_ci95": full.recall_ci95,
-                **{k: resume[k] for k in ("resume_cost_ratio", "identical_files")},
-                **served,
-            }
-        )
-    )
+    head = {"n": args.n, "dim": args.dim, "index_type": args.index_type, "shards": args.shards, "nodes": 1}
+    line = head | {"max_worker_memory": args.max_worker_memory} | {k: figures.get(k) for k in FIGURES}
+    print(json.dumps(line | {"errors": errors}))
 
 
 if __name__ == "__main__":

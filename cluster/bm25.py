@@ -219,6 +219,25 @@ def top_rows(acc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return acc[candidates[order]], candidates[order].astype(np.int64)
 
 
+def add_to_entries(
+    directory: Path,
+    shards: Sequence[Callable[[], Iterable[Sequence[str]]]],
+    entries: Sequence[ShardManifest],
+    params: Bm25Params = Bm25Params(),
+) -> tuple[dict, tuple[ShardManifest, ...]]:
+    """Build BM25 into `directory` from each shard's text chunks (as `build_shards` takes them) and return
+    the manifest's BM25 description and `entries` with the BM25 files and their checksums added."""
+    described, files = build_shards(directory, shards, params)
+    return described, tuple(
+        replace(
+            entry,
+            files=entry.files | names,
+            sha256=entry.sha256 | {name: sha256_file(directory / name) for name in names.values()},
+        )
+        for entry, names in zip(entries, files, strict=True)
+    )
+
+
 def add_to_version(
     directory: Path,
     passages: Sequence[Passage],
@@ -226,8 +245,7 @@ def add_to_version(
     params: Bm25Params = Bm25Params(),
     chunk: int = 4096,
 ) -> tuple[dict, tuple[ShardManifest, ...]]:
-    """Build BM25 for the staged version in `directory` over the same shards (`entries`' id ranges) and
-    return the manifest's BM25 description and the entries with the BM25 files and checksums added."""
+    """`add_to_entries` for a staged version in `directory` whose passages are all in memory."""
     starts = np.cumsum([0] + [entry.count for entry in entries])  # shard s holds rows starts[s]:starts[s+1]
 
     def chunks(start: int, end: int) -> Callable[[], Iterable[list[str]]]:
@@ -236,15 +254,7 @@ def add_to_version(
         )
 
     shards = [chunks(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-    described, files = build_shards(directory, shards, params)
-    return described, tuple(
-        replace(
-            entry,
-            files=entry.files | names,
-            sha256=entry.sha256 | {name: sha256_file(directory / name) for name in names.values()},
-        )
-        for entry, names in zip(entries, files)
-    )
+    return add_to_entries(directory, shards, entries, params)
 
 
 def query_tokens(questions: Sequence[str], manifest: Manifest) -> list[list[str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -17,6 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster import storage
+from cluster.bm25 import add_to_entries as add_bm25
 from cluster.build_plan import WORKER_BASE, BuildPlan
 from cluster.build_work import (
     WorkDir,
@@ -40,7 +42,7 @@ from cluster.index_build import (
 from cluster.index_store import Manifest, ShardManifest, commit_version, sha256_file, staging_dir
 from cluster.index_store import publish as publish_version
 from cluster.merge import merge_topk
-from cluster.passages import Passage
+from cluster.passages import Passage, passage_text
 from cluster.shard import apply_search_params
 
 if TYPE_CHECKING:
@@ -194,6 +196,37 @@ def add_shard(location: str, plan: BuildPlan, shard: int, threads: int) -> dict:
     }
 
 
+def _shard_texts(
+    work: WorkDir, plan: BuildPlan, bounds: tuple[int, int]
+) -> Callable[[], Iterator[list[str]]]:
+    """Shard rows [start, stop)'s passage texts, one chunk file's part at a time, in id order."""
+
+    def chunks() -> Iterator[list[str]]:
+        for chunk, lo, hi in pieces(*bounds, plan.chunk_rows):
+            yield [passage_text(Passage(*row)) for row in islice(read_passages(work, chunk), lo, hi)]
+
+    return chunks
+
+
+def build_bm25(location: str, plan: BuildPlan, entries: list[dict]) -> dict:
+    """BM25 over the chunk files' passages, streamed shard by shard; its files go to the work dir beside
+    the shards'. Returns the manifest's BM25 description and the entries with the BM25 files added."""
+    reset_peak_memory()
+    began, work = time.monotonic(), WorkDir(location)
+    texts = [_shard_texts(work, plan, bounds) for bounds in shard_bounds(plan.count, plan.shards)]
+    with tempfile.TemporaryDirectory(prefix="rayrag-bm25-") as tmp:
+        described, shards = add_bm25(Path(tmp), texts, [ShardManifest(**entry) for entry in entries])
+        for entry, shard in zip(entries, shards):
+            for name in set(shard.files.values()) - set(entry["files"].values()):
+                storage.upload(Path(tmp) / name, work.shard_file(name))
+    return {
+        "bm25": described,
+        "entries": [asdict(shard) for shard in shards],
+        "seconds": time.monotonic() - began,
+        "peak_private": peak_private_bytes(),
+    }
+
+
 def search_shard(location: str, entry: dict, params: dict, queries: np.ndarray, k: int) -> tuple:
     """(scores, global ids), each (B, k), of one built shard in the work dir."""
     work = WorkDir(location)
@@ -287,7 +320,7 @@ def _add_all(
 def finish(
     config: StreamBuildConfig, work: WorkDir, report: BuildReport, encoder: tuple[str, str], on_step
 ) -> None:
-    """Train, add, check recall and commit (each step skipped when its marker exists)."""
+    """Train, add, check recall, build BM25 and commit (each step skipped when its marker exists)."""
     plan, done = report.plan, work.done()
     began = time.monotonic()
     if plan.train_rows:
@@ -310,7 +343,13 @@ def finish(
     )
     report.recall_at_10, report.recall_ci95 = checked["recall_at_10"], checked["recall_ci95"]
     report.seconds["verify"] = time.monotonic() - began
-    report.version = commit(config, work, report, entries, encoder, params)
+    began = time.monotonic()
+    remote = ray.remote(max_calls=1)(build_bm25)  # a fresh process: its term table freed at the end
+    bm25 = _run_step(
+        work, "bm25", done, lambda: ray.get(remote.remote(work.location, plan, entries)), on_step
+    )
+    report.seconds["bm25"] = time.monotonic() - began
+    report.version = commit(config, work, report, bm25, encoder, params)
     if not config.keep_work:
         storage.delete_dir(work.location)
 
@@ -319,15 +358,16 @@ def commit(
     config: StreamBuildConfig,
     work: WorkDir,
     report: BuildReport,
-    entries: list[dict],
+    built: dict,
     encoder: tuple[str, str],
     params: dict,
 ) -> str:
-    """Copy the shard files into a staging directory, commit it with its manifest, publish it."""
+    """Copy the shard files (`built`: the BM25 step's entries and description) into a staging
+    directory, commit it with its manifest, publish it."""
     root = config.index_root
     storage.make_dirs(root)
     staged = staging_dir(root)
-    shards = tuple(ShardManifest(**entry) for entry in entries)
+    shards = tuple(ShardManifest(**entry) for entry in built["entries"])
     manifest = Manifest(
         version="staged",
         encoder=encoder[0],
@@ -338,6 +378,7 @@ def commit(
         count=report.plan.count,
         shards=shards,
         search_params=params,
+        bm25=built["bm25"],
         recall_at_10=report.recall_at_10,
         recall_ci95=report.recall_ci95,
         build_fingerprint=report.fingerprint,

@@ -10,8 +10,11 @@ import faiss
 import numpy as np
 import pytest
 
+from cluster.bm25 import query_tokens
+from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, published_version, version_dir
-from cluster.merge import merge_topk
+from cluster.merge import merge_hits, merge_topk
+from cluster.passages import Passage
 from cluster.shard import Shard, ShardConfig
 from cluster.stream_build import StreamBuildConfig, stream_build
 from cluster.synthetic import MixtureEncoder, synthetic_passages
@@ -148,3 +151,34 @@ def test_cli_build_prints_the_serve_command(ray_session, tmp_path: Path, capsys)
     assert manifest.count == 60 and manifest.recall_at_10 == 1.0 and len(manifest.shards) == 2
     shard = Shard(ShardConfig(index_root=str(root), version="v0001", shard=1))
     assert shard.search(np.zeros((1, 32), np.float32), 1).titles[0][0].startswith("t")
+
+
+def _worded_passages(n: int) -> list[Passage]:
+    rng = np.random.default_rng(5)
+    words = "river paris seine rhine london thames city bridge flows north sea island king queen war".split()
+    return [
+        Passage(i, f"title {rng.choice(words)}", " ".join(rng.choice(words, size=int(rng.integers(2, 30)))))
+        for i in range(n)
+    ]
+
+
+def test_streamed_bm25_equals_one_shard_bm25_over_the_same_passages(ray_session, tmp_path: Path) -> None:
+    n, passages = 20_000, _worded_passages(20_000)  # two chunk files; shard bounds fall inside them
+    report = stream_build(lambda: iter(passages), _config(tmp_path / "stream", shards=3, recall_queries=50))
+    vectors = MixtureEncoder.parse(ENCODER).vectors(0, n)
+    one = build_index_from_vectors(vectors, passages, tmp_path / "one", shards=1)
+    questions = ["Which river flows through Paris?", "king queen", "sea bridge island city", "war"]
+    manifest = load_manifest(tmp_path / "stream", report.version)
+    assert manifest.bm25 == load_manifest(tmp_path / "one", one).bm25
+    tokens = query_tokens(questions, manifest)
+    shards = [
+        Shard(ShardConfig(index_root=str(tmp_path / "stream"), version=report.version, shard=s))
+        for s in range(3)
+    ]
+    found = merge_hits([s.search_bm25(tokens, 20) for s in shards], 20, 1.0, False)
+    expected = Shard(ShardConfig(index_root=str(tmp_path / "one"), version=one, shard=0)).search_bm25(
+        tokens, 20
+    )
+    np.testing.assert_array_equal(found.ids, expected.ids)
+    np.testing.assert_array_equal(found.scores, expected.scores)
+    assert found.titles == expected.titles
