@@ -51,7 +51,10 @@ class MixtureEncoder:
         """`count` unit rows: a centre plus noise mostly inside a low-dimensional subspace, as real
         embeddings have a low intrinsic dimension."""
         which = rng.integers(0, self.clusters, count)  # (n,)
-        low = rng.standard_normal((count, LOW_RANK), dtype=np.float32) @ self.basis  # (n, d)
+        # einsum, not BLAS: the same bits whatever thread count the encoding process has
+        low = np.einsum(
+            "nr,rd->nd", rng.standard_normal((count, LOW_RANK), dtype=np.float32), self.basis
+        )  # (n, d)
         iso = rng.standard_normal((count, self.dim), dtype=np.float32) * np.float32(0.2 / np.sqrt(self.dim))
         rows = self.centres[which] + np.float32(self.spread) * (low + iso)  # (n, d)
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
