@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
@@ -39,22 +40,26 @@ class PassageTable:
         return (bytes(self.blob[start:middle]).decode("utf-8"), bytes(self.blob[middle:end]).decode("utf-8"))
 
     @staticmethod
+    def append(
+        blob: BinaryIO, pairs: Iterable[tuple[str, str]], offsets: np.ndarray, row: int, position: int
+    ) -> tuple[int, int]:
+        """Append (title, text) pairs to an open blob, filling offsets from `row`; returns the next
+        (row, position), so a table can be written piece by piece."""
+        for title, text in pairs:
+            title_bytes, text_bytes = title.encode("utf-8"), text.encode("utf-8")
+            blob.write(title_bytes + text_bytes)
+            end = position + len(title_bytes) + len(text_bytes)
+            offsets[row] = (position, position + len(title_bytes), end)
+            row, position = row + 1, end
+        return row, position
+
+    @staticmethod
     def write(
         blob_path: str | Path, offsets_path: str | Path, titles: Sequence[str], texts: Sequence[str]
     ) -> None:
         offsets = np.zeros((len(titles), 3), dtype=np.int64)  # (n, 3)
-        position = 0
         with open(blob_path, "wb") as blob:
-            for row, (title, text) in enumerate(zip(titles, texts, strict=True)):
-                title_bytes, text_bytes = title.encode("utf-8"), text.encode("utf-8")
-                blob.write(title_bytes)
-                blob.write(text_bytes)
-                offsets[row] = (
-                    position,
-                    position + len(title_bytes),
-                    position + len(title_bytes) + len(text_bytes),
-                )
-                position = int(offsets[row, 2])
+            PassageTable.append(blob, zip(titles, texts, strict=True), offsets, 0, 0)
         np.save(offsets_path, offsets)
 
 

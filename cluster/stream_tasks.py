@@ -43,7 +43,7 @@ from cluster.index_store import Manifest, ShardManifest, commit_version, sha256_
 from cluster.index_store import publish as publish_version
 from cluster.merge import merge_topk
 from cluster.passages import Passage, passage_text
-from cluster.shard import apply_search_params
+from cluster.shard import PassageTable, apply_search_params
 
 if TYPE_CHECKING:
     from cluster.stream_build import BuildReport, StepHook, StreamBuildConfig
@@ -121,16 +121,6 @@ def train_template(location: str, plan: BuildPlan) -> dict:
     return {"rows": len(sample), "seconds": time.monotonic() - began, "peak_private": peak_private_bytes()}
 
 
-def _write_passages(handle, passages, offsets: np.ndarray, ids: np.ndarray, row: int, position: int):
-    """Append passages to an open blob, as `PassageTable` reads them; returns (row, position)."""
-    for passage_id, title, text in passages:
-        title_bytes, text_bytes = title.encode("utf-8"), text.encode("utf-8")
-        handle.write(title_bytes + text_bytes)
-        offsets[row] = (position, position + len(title_bytes), position + len(title_bytes) + len(text_bytes))
-        ids[row], position, row = passage_id, int(offsets[row, 2]), row + 1
-    return row, position
-
-
 def _add_blocks(
     work: WorkDir, plan: BuildPlan, index: faiss.Index, bounds: tuple[int, int], folder: Path, shard: int
 ):
@@ -155,8 +145,10 @@ def _add_blocks(
             if stored is not None:
                 stored[row : row + len(block)] = block
             index.add(block)
-            row, position = _write_passages(
-                blob, islice(read_passages(work, chunk), lo, hi), offsets, ids, row, position
+            passages = list(islice(read_passages(work, chunk), lo, hi))
+            ids[row : row + len(passages)] = [passage_id for passage_id, _, _ in passages]
+            row, position = PassageTable.append(
+                blob, ((title, text) for _, title, text in passages), offsets, row, position
             )
     if stored is not None:
         stored.flush()
