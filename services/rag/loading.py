@@ -1,5 +1,4 @@
-"""Model loading: any seq2seq or causal HF generator (the default GGUF converted once to a cache), and
-`load_rag`, the one inference loader, which applies the precision setting."""
+"""Model loading: HF generators (the default GGUF converted once, cached) and `load_rag` for inference."""
 
 from __future__ import annotations
 
