@@ -149,7 +149,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _qa_rows(examples: list[QAExample]) -> list[dict]:
-    return [{"question": e.question, "answers": list(e.answers)} for e in examples]
+    return [{"question": e.input, "answers": list(e.answers)} for e in examples]
 
 
 def sample_questions(examples: list[QAExample], count: int | None, seed: int) -> list[QAExample]:
@@ -291,7 +291,7 @@ def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: 
     from cluster.fusion import RetrievalConfig
     from training.evaluate import retrieval_recall, retrieve
 
-    questions, k = [e.question for e in examples], min(10, group.manifest.count)
+    questions, k = [e.input for e in examples], min(10, group.manifest.count)
     recall = {}
     for name in ("dense", "bm25", "hybrid"):
         found = retrieve(rag, group, questions, k, cfg.batch_size, RetrievalConfig(retriever=name))

@@ -138,7 +138,7 @@ def forward_backward(
     `weight` = local batch / (global batch / world size) makes DDP's gradient average equal
     the gradient of the global-batch mean even when the local shares differ in size.
     """
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     answers = [e.answers[0] for e in examples]
     rag = unwrap(module).rag
     found = retrieve(
