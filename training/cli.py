@@ -1,4 +1,4 @@
-"""`rayrag train` and `rayrag eval`: the training package's subcommands."""
+"""The training package's `rayrag` subcommands: train, eval, export and experiment."""
 
 from __future__ import annotations
 
