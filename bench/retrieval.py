@@ -21,6 +21,7 @@ import numpy as np
 import ray
 from threadpoolctl import threadpool_info
 
+from bench.shard_memory import measured_shards
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
 from cluster.passages import Passage
@@ -154,7 +155,8 @@ def replica_memory(root: str, version: str, queries: np.ndarray, args: argparse.
         verify_checksums=False,
         call_timeout_s=600,
     )
-    group = ShardGroup(config, version=version)
+    with measured_shards():
+        group = ShardGroup(config, version=version)
     try:
         replicas = group.replica_handles()[0]
         ray.get([r.search.remote(queries[:4], args.k) for r in replicas])  # flat search touches every page

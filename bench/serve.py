@@ -311,12 +311,11 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
     the app's generator and threads in this process: what batching can win in the model alone."""
     import torch
 
-    from services.rag.generator import make_generator
-    from services.rag.loading import load_generator
+    from services.rag.loading import load_generator_for_inference
     from services.rag.model import generate_answers
 
     torch.set_num_threads(int(app_args["generator"].get("torch_threads", 1)))
-    generator = make_generator(*load_generator(app_args["models"]["generator"])).eval()
+    generator = load_generator_for_inference(app_args["models"]["generator"], "float32")
     k = body["n_docs"]
     questions = [f"What is known about {p.title}?" for p in passages[:batch]]
     titles = [[p.title for p in passages[i : i + k]] for i in range(batch)]
@@ -369,12 +368,11 @@ def exact_answers(generator_name: str, questions: list[str], served: list[dict],
     no latency lever (every passage decoded)."""
     import torch
 
-    from services.rag.generator import make_generator
-    from services.rag.loading import load_generator
+    from services.rag.loading import load_generator_for_inference
     from services.rag.model import generate_answers
 
     torch.set_num_threads(os.cpu_count() or 1)
-    generator = make_generator(*load_generator(generator_name)).eval()
+    generator = load_generator_for_inference(generator_name, "float32")
     options = {key: body[key] for key in ("mode", "decoding", "num_beams", "max_new_tokens")}
     return [
         generate_answers(

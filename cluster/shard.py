@@ -105,11 +105,11 @@ def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None
 
 
 class Shard:
-    """Hosts one shard of one version; made a Ray actor by cluster/replicas.py (`RemoteShard`)."""
+    """Hosts one shard of one version; a plain class, made a Ray actor by `cluster/replicas.py`
+    (`RemoteShard`), whose `ReplicaSet` launches and restarts the replicas a shard group routes to."""
 
     def __init__(self, config: ShardConfig) -> None:
         self.config = config
-        self.uss_at_start = read_smaps_rollup(os.getpid())["Uss"]
         manifest = load_manifest(config.index_root, config.version)
         if config.shard >= len(manifest.shards):
             raise ValueError(
@@ -190,21 +190,6 @@ class Shard:
             "faiss_threads": faiss.omp_get_max_threads(),
             "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold),
         }
-
-    def memory(self) -> dict[str, int]:
-        """This process's memory in bytes (/proc/self/smaps_rollup) plus its USS before loading the shard."""
-        return read_smaps_rollup(os.getpid()) | {"uss_at_start": self.uss_at_start}
-
-
-def read_smaps_rollup(pid: int) -> dict[str, int]:
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
-        for line in rollup:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                values[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    values["Uss"] = values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)
-    return values
 
 
 def _ray_node_id() -> str | None:

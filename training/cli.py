@@ -1,4 +1,4 @@
-"""`rayrag train`, `eval`, `experiment` and `export`: the training package's subcommands."""
+"""The training package's `rayrag` subcommands: train, eval, export and experiment."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from cluster.fusion import Retriever
 from cluster.runtime import init_ray
 
 if TYPE_CHECKING:
-    from training.modules import RagTrainModule
+    from cluster.bootstrap import IndexSpec
+    from training.config import ModelsConfig
 
 
 def show_progress() -> None:
@@ -46,36 +47,38 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: str, out: Path) -> str:
-    """The index root to search: --index-root, or a fresh one built from --corpus under out/ with
-    the document encoder (the checkpoint's trained weights when it has them)."""
-    if args.index_root:
-        return args.index_root
-    from cluster.index_build import build_index
-    from cluster.passages import load_corpus
+def _eval_models(args: argparse.Namespace) -> tuple[ModelsConfig, dict | None]:
+    """The models to evaluate (--checkpoint's, else the ones named) and the trained document encoder's
+    weights when the checkpoint has them."""
+    from services.rag.checkpoint import component_weights, read_state
+    from training.config import ModelsConfig
 
-    state = None
-    if module.doc_encoder is not None:
-        state = {k: v.detach().cpu() for k, v in module.doc_encoder.state_dict().items()}
-    root = out / "index"
-    build_index(
-        load_corpus(args.corpus, args.corpus_limit),
-        root,
-        encoder=doc_encoder,
-        encoder_state=state,
-        publish=True,
-        show_progress=False,
+    if not args.checkpoint:
+        names = {"query_encoder": args.query_encoder, "doc_encoder": args.doc_encoder}
+        return ModelsConfig(**names, generator=args.generator), None
+    state = read_state(args.checkpoint)
+    trained = component_weights(args.checkpoint, "doc_encoder") if state.doc_encoder_trained else None
+    return ModelsConfig(**state.models), trained
+
+
+def _eval_index(args: argparse.Namespace, doc_encoder: str, out: Path) -> IndexSpec:
+    """The index to search: --index-root as it is, or out/index built from --corpus (once; a re-run
+    with the same --out searches it again) with the document encoder (trained weights when given)."""
+    from cluster.bootstrap import IndexSpec
+
+    if args.index_root:
+        return IndexSpec(root=args.index_root, corpus=None)
+    return IndexSpec(
+        root=str(out / "index"), corpus=args.corpus, corpus_limit=args.corpus_limit, encoder=doc_encoder
     )
-    return str(root)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from cluster.index_store import load_manifest, resolve_version
+    from cluster.bootstrap import ensure_index
+    from cluster.index_store import load_manifest
     from cluster.shard_group import ShardGroup, ShardGroupConfig
-    from services.rag.precision import resolve_dtype
-    from training.config import ModelsConfig
+    from services.rag.loading import load_rag
     from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, with_labels, write_plots
-    from training.modules import build_train_module, load_trained
     from training.tasks import get_task
 
     cfg = EvalConfig.parse(
@@ -96,22 +99,14 @@ def run_eval(args: argparse.Namespace) -> int:
     examples = data[: args.limit]
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint:
-        module, state = load_trained(args.checkpoint)
-        doc_encoder = state.models["doc_encoder"]
-    else:
-        models = ModelsConfig(
-            query_encoder=args.query_encoder, doc_encoder=args.doc_encoder, generator=args.generator
-        )
-        module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
-    module.rag.generator.model.to(resolve_dtype(args.precision))
+    models, encoder_state = _eval_models(args)
+    rag = load_rag(models, args.precision, args.checkpoint)
     init_ray()
-    root = _eval_index(args, module, doc_encoder, out)
-    group = ShardGroup(ShardGroupConfig(index_root=root))
+    spec = _eval_index(args, models.doc_encoder, out)
+    version = ensure_index(spec, encoder_state)
+    group = ShardGroup(ShardGroupConfig(index_root=spec.root), version)
     try:
-        report = evaluate(
-            module.rag, group, examples, cfg, load_manifest(root, resolve_version(root, None)).count
-        )
+        report = evaluate(rag, group, examples, cfg, load_manifest(spec.root, version).count)
     finally:
         group.close()
     report["plots"] = write_plots(report, out, args.history)
@@ -123,7 +118,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Write the folders; print them, and how to serve them, as one JSON object."""
-    from training.checkpoint import read_state
+    from services.rag.checkpoint import read_state
     from training.modules import export_models
 
     folders = export_models(args.checkpoint, args.out)
@@ -221,7 +216,9 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
         help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
     )
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
-    parser.add_argument("--out", help="folder for report.json and the PNG plots")
+    parser.add_argument(
+        "--out", help="folder for report.json, the PNG plots and the --corpus index (reused when re-run)"
+    )
     parser.set_defaults(run=run_eval)
 
 

@@ -21,14 +21,14 @@ class QAExample:
     """An input with every accepted target (at least one): a question and its answers for QA, an answer
     and its question for question generation, a claim and its label for classification."""
 
-    question: str
-    answers: tuple[str, ...]
+    input: str  # what the model reads beside the passages
+    answers: tuple[str, ...]  # the targets it may generate
 
     def __post_init__(self) -> None:
-        if not self.question.strip():
-            raise ValueError(f"empty question: {self.question!r}")
+        if not self.input.strip():
+            raise ValueError(f"empty input: {self.input!r}")
         if not self.answers or not all(a.strip() for a in self.answers):
-            raise ValueError(f"question {self.question!r} has no answers: {self.answers!r}")
+            raise ValueError(f"input {self.input!r} has no answers: {self.answers!r}")
 
 
 def split_spec(spec: str) -> tuple[str, Split | None]:
@@ -61,7 +61,7 @@ def squad_qa_by_article(path: Path, split: Split | None = None) -> Iterator[tupl
                 answers = _unique(a.get("text", "") for a in qa.get("answers", []))
                 if not answers:
                     raise ValueError(f"{str(path)!r}: question {qa.get('id')!r} has no answers")
-                examples.append(QAExample(question=qa["question"], answers=answers))
+                examples.append(QAExample(input=qa["question"], answers=answers))
         yield title, examples
 
 
@@ -74,7 +74,7 @@ def _jsonl_qa(path: Path) -> Iterator[QAExample]:
             raise ValueError(f"{str(path)!r} line {number} has no question: {question!r}")
         if not isinstance(answers, list) or not _unique(str(a) for a in answers):
             raise ValueError(f"{str(path)!r} line {number} has no answers: {answers!r}")
-        yield QAExample(question=question, answers=_unique(str(a) for a in answers))
+        yield QAExample(input=question, answers=_unique(str(a) for a in answers))
 
 
 def _qa_source(path: str) -> tuple[Path, Split | None]:
@@ -115,7 +115,7 @@ def load_claims(path: str) -> list[QAExample]:
             raise ValueError(f"{path!r} line {number} has no claim: {claim!r}")
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"{path!r} line {number} has no label: {label!r}")
-        examples.append(QAExample(question=claim, answers=(label.strip(),)))
+        examples.append(QAExample(input=claim, answers=(label.strip(),)))
     if not examples:
         raise ValueError(f"claims data {path!r} is empty")
     return examples

@@ -20,7 +20,7 @@ from services.rag import retrieval
 from services.rag.model import Decoding, RagModel
 from services.rag.retrieval import DENSE, Retrieved, group_search
 from training.data import QAExample
-from training.metrics import recall_at_k
+from training.scoring import recall_at_k
 from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
 
 Setting = Literal["closed_book", "rag_token", "rag_sequence"]
@@ -138,7 +138,7 @@ def _rows(
     cfg: EvalConfig,
 ) -> dict[str, dict]:
     """The task's metrics for each n_docs of a setting, with the first few predictions."""
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     targets = [list(e.answers) for e in examples]
     source, gold = task.fields
     rows = {}
@@ -159,7 +159,7 @@ def evaluate(
     """The report: per setting the task's metrics (and recall@k for QA), per n_docs rows for the RAG
     settings."""
     task, cfg = get_task(cfg.task), with_labels(cfg, examples)
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     widest = max(*cfg.n_docs, *cfg.recall_at, RECALL_K)
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")

@@ -37,6 +37,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from cluster.passages import load_corpus, passage_text, squad_articles, squad_dev_path
+from services.rag.loading import load_rag
 from services.rag.model import Decoding, RagModel
 from services.rag.precision import Precision
 from training.config import ModelsConfig, Section, TrainConfig, config_from_dict
@@ -148,7 +149,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _qa_rows(examples: list[QAExample]) -> list[dict]:
-    return [{"question": e.question, "answers": list(e.answers)} for e in examples]
+    return [{"question": e.input, "answers": list(e.answers)} for e in examples]
 
 
 def sample_questions(examples: list[QAExample], count: int | None, seed: int) -> list[QAExample]:
@@ -261,25 +262,6 @@ def evaluate_settings(
     return report
 
 
-def _inference_model(module: Any, precision: Precision) -> RagModel:
-    from services.rag.precision import resolve_dtype
-
-    module.rag.generator.model.to(resolve_dtype(precision))
-    return module.rag.eval()
-
-
-def shipped_model(models: ModelsConfig, precision: Precision) -> RagModel:
-    from training.modules import build_train_module
-
-    return _inference_model(build_train_module(models, "sequence", False), precision)
-
-
-def trained_model(checkpoint: str, precision: Precision) -> RagModel:
-    from training.modules import load_trained
-
-    return _inference_model(load_trained(checkpoint)[0], precision)
-
-
 def train_run(cfg: TrainConfig) -> dict:
     """`rayrag train` with this config; where its checkpoint and loss history are."""
     from training.trainer import run_training
@@ -309,7 +291,7 @@ def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: 
     from cluster.fusion import RetrievalConfig
     from training.evaluate import retrieval_recall, retrieve
 
-    questions, k = [e.question for e in examples], min(10, group.manifest.count)
+    questions, k = [e.input for e in examples], min(10, group.manifest.count)
     recall = {}
     for name in ("dense", "bm25", "hybrid"):
         found = retrieve(rag, group, questions, k, cfg.batch_size, RetrievalConfig(retriever=name))
@@ -369,7 +351,7 @@ class Experiment:
             "zero_shot": self.stage(
                 "zero_shot",
                 lambda: evaluate_settings(
-                    shipped_model(cfg.models, precision),
+                    load_rag(cfg.models, precision),
                     group,
                     test,
                     cfg.eval,
@@ -381,7 +363,7 @@ class Experiment:
                 "train_closed_book", lambda: train_run(cfg.train_config(self.out, True))
             ),
         }
-        rag = trained_model(results["train_rag"]["checkpoint"], precision)
+        rag = load_rag(cfg.models, precision, results["train_rag"]["checkpoint"])
         results["fine_tuned"] = self.stage(
             "fine_tuned",
             lambda: evaluate_settings(
@@ -391,7 +373,7 @@ class Experiment:
         results["closed_book"] = self.stage(
             "closed_book",
             lambda: evaluate_settings(
-                trained_model(results["train_closed_book"]["checkpoint"], precision),
+                load_rag(cfg.models, precision, results["train_closed_book"]["checkpoint"]),
                 group,
                 test,
                 cfg.eval,
@@ -408,7 +390,7 @@ class Experiment:
         """An ablation's training run and its RAG-Sequence row, retrieving as it trained."""
         cfg = self.cfg
         run = self.stage(f"train_{name}", lambda: train_run(cfg.train_config(self.out, False, ablation=name)))
-        model = trained_model(run["checkpoint"], cfg.eval.precision)
+        model = load_rag(cfg.models, cfg.eval.precision, run["checkpoint"])
         retrieval = ABLATIONS[name].get("retrieval")
         rows = {"rag_sequence": (cfg.eval.n_docs,)}
         row = self.stage(name, lambda: evaluate_settings(model, group, test, cfg.eval, rows, retrieval))

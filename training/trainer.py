@@ -10,11 +10,10 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.index_build import build_index
-from cluster.index_store import load_manifest, published_version
-from cluster.passages import load_corpus
+from cluster.bootstrap import IndexSpec, ensure_index
+from cluster.index_store import load_manifest
 from cluster.shard_group import ShardGroup, ShardGroupConfig
-from training.checkpoint import STATE, read_state
+from services.rag.checkpoint import STATE, read_state
 from training.config import TrainConfig
 from training.loop import train_loop_per_worker
 from training.refresh import IndexRefresher, RefreshConfig
@@ -30,21 +29,23 @@ class TrainOutcome:
     refresh: dict  # the refresher's status: versions built, steps skipped
 
 
+def index_spec(cfg: TrainConfig) -> IndexSpec:
+    """The run's index: its root, the corpus it indexes (first build and refreshes), the document encoder."""
+    index = cfg.index
+    return IndexSpec(
+        root=index.root,
+        corpus=index.corpus,
+        corpus_limit=index.corpus_limit,
+        encoder=cfg.models.doc_encoder,
+        shards=index.shards,
+    )
+
+
 def prepare_index(cfg: TrainConfig) -> str:
     """The published index version to start from (built from the corpus when there is none).
 
     Checks n_docs against the index size before any worker starts."""
-    version = published_version(cfg.index.root) if Path(cfg.index.root).is_dir() else None
-    if version is None:
-        passages = load_corpus(cfg.index.corpus, cfg.index.corpus_limit)
-        version = build_index(
-            passages,
-            cfg.index.root,
-            encoder=cfg.models.doc_encoder,
-            shards=cfg.index.shards,
-            publish=True,
-            show_progress=False,
-        )
+    version = ensure_index(index_spec(cfg))
     count = load_manifest(cfg.index.root, version).count
     if cfg.n_docs > count:
         raise ValueError(
@@ -76,14 +77,7 @@ def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
     group = ray.remote(ShardGroup).options(max_concurrency=SHARD_GROUP_CONCURRENCY, num_cpus=0)
     shard_config = ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus)
     shard_group = group.remote(shard_config, version)
-    refresh = RefreshConfig(
-        index_root=cfg.index.root,
-        corpus=cfg.index.corpus,
-        doc_encoder=cfg.models.doc_encoder,
-        corpus_limit=cfg.index.corpus_limit,
-        shards=cfg.index.shards,
-        num_encoders=cfg.index.refresh_encoders,
-    )
+    refresh = RefreshConfig(index=index_spec(cfg), num_encoders=cfg.index.refresh_encoders)
     refresher = ray.remote(IndexRefresher).options(max_concurrency=4, num_cpus=0).remote(refresh, shard_group)
     return shard_group, refresher
 

@@ -13,13 +13,12 @@ from pydantic import ConfigDict, Field
 
 from cluster.bm25 import Bm25Index, Bm25Params, build_shards, shard_files, tokenize
 from cluster.config import Config
-from cluster.encoders import TextEncoder, load_encoders
+from cluster.encoders import TextEncoder
 from cluster.fusion import RetrievalConfig
 from cluster.merge import SearchResult
 from cluster.passages import Passage, load_corpus, passage_text
-from services.rag.generator import make_generator
-from services.rag.loading import cache_root, ensure_cached, load_generator
-from services.rag.model import Decoding, Mode, RagModel
+from services.rag.loading import cache_root, ensure_cached, load_rag
+from services.rag.model import Decoding, Mode
 from services.rag.precision import Precision
 from services.rag.retrieval import Retrieved, retrieve
 
@@ -46,6 +45,11 @@ class LocalConfig(Config):
     max_new_tokens: int = Field(32, ge=1)
     cache_dir: str | None = None  # None: $RAYRAG_CACHE or ~/.cache/rayrag
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
+
+    @property
+    def query_encoder(self) -> str:
+        """`encoder` by the name the models configs give it (what `load_rag` reads)."""
+        return self.encoder
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ class LocalRag:
         if config.n_docs > len(passages):
             raise ValueError(f"n_docs={config.n_docs} exceeds the corpus size of {len(passages)} passages")
         self.config, self.passages = config, passages
-        query_encoder, doc_encoder = load_encoders(config.encoder, config.doc_encoder)
+        doc_encoder = TextEncoder.from_pretrained(config.doc_encoder or config.encoder)
         self.vectors = document_vectors(passages, doc_encoder, config.cache_dir)  # (N, d)
         self.index = faiss.IndexFlatIP(self.vectors.shape[1])
         self.index.add(self.vectors)
@@ -127,8 +131,7 @@ class LocalRag:
             if config.retrieval.retriever != "dense"
             else None
         )
-        model, tokenizer = load_generator(config.generator, config.cache_dir, config.precision)
-        self.rag = RagModel(query_encoder.eval(), make_generator(model, tokenizer)).eval()
+        self.rag = load_rag(config, config.precision, cache_dir=config.cache_dir)
 
     @classmethod
     def from_config(cls, config: LocalConfig) -> LocalRag:

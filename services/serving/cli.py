@@ -11,6 +11,7 @@ from cluster.runtime import init_ray
 from services.serving.serve_file import ServeFile, read_serve_file
 
 if TYPE_CHECKING:
+    from cluster.bootstrap import IndexSpec
     from services.serving.deployments import IndexArgs, ModelsArgs
 
 log = logging.getLogger(__name__)
@@ -104,27 +105,17 @@ def serve_app_args(config: ServeFile, args: argparse.Namespace) -> dict:
     return app_args
 
 
-def _ensure_index(index: IndexArgs) -> None:
-    """Build and publish the index the app serves when its root has no published version; a
-    pinned version must already be there."""
-    from cluster.index_build import build_index
-    from cluster.index_store import list_versions, published_version
-    from cluster.passages import load_corpus
+def index_spec(index: IndexArgs) -> IndexSpec:
+    """What `ensure_index` reads of deploy.yaml's `args.index`: the root, a pinned version, the build keys."""
+    from cluster.bootstrap import IndexSpec
 
-    root = index.index_root
-    if index.version:
-        versions = list_versions(root)
-        if index.version not in versions:
-            raise ValueError(f"index version {index.version!r} is not in {root}; it has {versions}")
-        log.info("index: %s (version %s, pinned)", root, index.version)
-        return
-    if published_version(root) is not None:
-        log.info("index: %s (version %s)", root, published_version(root))
-        return
-    log.info("index: none at %s; building it from corpus %r (once)", root, index.corpus)
-    passages = load_corpus(index.corpus)
-    version = build_index(passages, root, encoder=index.encoder, shards=index.shards)
-    log.info("index: built and published %s (%d passages)", version, len(passages))
+    return IndexSpec(
+        root=index.index_root,
+        version=index.version,
+        corpus=index.corpus,
+        encoder=index.encoder,
+        shards=index.shards,
+    )
 
 
 def _warm_models(models: ModelsArgs) -> None:
@@ -147,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
+    from cluster.bootstrap import ensure_index
     from services.serving.app import build_app
     from services.serving.deployments import AppArgs
 
@@ -156,7 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http["port"] = args.port
     parsed = AppArgs.parse(app_args, "args.")  # every bad key named before Ray starts
     init_ray(log_to_driver=False)  # $RAY_ADDRESS when set, else a local Ray on 127.0.0.1
-    _ensure_index(parsed.index)
+    ensure_index(index_spec(parsed.index), show_progress=True)  # built and published when absent
     _warm_models(parsed.models)
     serve.start(http_options=http, controller_options=config.controller_options or None)
     serve.run(build_app(app_args), name=app.name, route_prefix=app.route_prefix)

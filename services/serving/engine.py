@@ -67,11 +67,9 @@ class RagEngine:
     """The default engine: a Hugging Face generator decoded by RAG-Sequence or RAG-Token."""
 
     def __init__(self, generator: str, precision: Precision = "auto"):
-        from services.rag.generator import make_generator
-        from services.rag.loading import load_generator
+        from services.rag.loading import load_generator_for_inference
 
-        model, tokenizer = load_generator(generator, precision=precision)
-        self.generator = make_generator(model, tokenizer).eval()
+        self.generator = load_generator_for_inference(generator, precision)
 
     def generate(
         self,

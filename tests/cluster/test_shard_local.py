@@ -9,10 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
+from bench.shard_memory import read_smaps_rollup
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
 from cluster.passages import Passage
-from cluster.shard import Shard, ShardConfig, read_smaps_rollup
+from cluster.shard import Shard, ShardConfig
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,14 @@ import torch
 
 from cluster.encoders import TextEncoder
 from cluster.passages import squad_dev_path
+from examples.make_claims import CLAIM_LABELS, claim_text, make_claims
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
 from services.rag.marginal import candidate_log_likelihoods, doc_log_probs
 from services.rag.model import RagModel
 from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 from training.data import article_split, load_claims, load_qa, squad_qa_by_article
-from training.tasks import (
-    CLAIM_LABELS,
-    choose_labels,
-    claim_text,
-    get_task,
-    label_log_likelihoods,
-    load_qgen,
-    make_claims,
-)
+from training.tasks import choose_labels, get_task, label_log_likelihoods, load_qgen
 
 CLAIMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "claims.jsonl"
 LABELS = ("true", "false", "not enough info")  # label words of 1, 1 and 3 tokens: padded targets
@@ -110,8 +103,8 @@ def test_qgen_turns_squad_around_and_splits_by_article(squad):
     articles = list(squad_qa_by_article(squad))
     test_titles = [t for t, _ in articles if article_split(t) == "test"]
     assert len(test_titles) == 9 and "Normans" in test_titles
-    want = [(e.answers[0], e.question) for t, qa in articles if t in test_titles for e in qa]
-    assert [(e.question, e.answers) for e in test] == [(a, (q,)) for a, q in want]
+    want = [(e.answers[0], e.input) for t, qa in articles if t in test_titles for e in qa]
+    assert [(e.input, e.answers) for e in test] == [(a, (q,)) for a, q in want]
     assert get_task("qgen").load is load_qgen
 
 
@@ -129,10 +122,7 @@ def test_shipped_claims_are_what_make_claims_writes(squad):
     assert shipped == make_claims(squad, "test", 200, seed=0)
     assert [c["label"] for c in shipped] == list(CLAIM_LABELS) * 100
     gold = {
-        e.question: e.answers
-        for t, qa in squad_qa_by_article(squad)
-        if article_split(t) == "test"
-        for e in qa
+        e.input: e.answers for t, qa in squad_qa_by_article(squad) if article_split(t) == "test" for e in qa
     }
     stated = {claim_text(q, a): (q, a) for q, answers in gold.items() for a in answers}
     true_claims = [c["claim"] for c in shipped if c["label"] == "true"]

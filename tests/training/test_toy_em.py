@@ -22,8 +22,8 @@ from training.config import TrainConfig, config_from_dict
 from training.data import load_qa
 from training.evaluate import EvalConfig, predict, retrieve
 from training.loop import global_batch, make_optimizer, train_step
-from training.metrics import recall_at_k, score_predictions
 from training.modules import RagTrainModule, build_train_module
+from training.scoring import recall_at_k, score_predictions
 from training.trainer import prepare_index
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, search: Search) -> tuple[RagTrainModule, list[float]
 def test_rag_training_reads_answers_that_closed_book_cannot_know(copy_toy, copy_index):
     cfg, group = copy_index
     heldout = load_qa(copy_toy.heldout)
-    questions, answers = [e.question for e in heldout], [list(e.answers) for e in heldout]
+    questions, answers = [e.input for e in heldout], [list(e.answers) for e in heldout]
     eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=16, num_beams=2, max_new_tokens=4, decoding="thorough")
 
     def em(module: RagTrainModule, found: Retrieved | None, setting: str, n_docs: int) -> float:

@@ -142,8 +142,9 @@ def test_serve_file_is_read_with_serves_schema(tmp_path):
 def test_serve_command_line_pins_an_index_version(tmp_path):
     """`rayrag serve --index-root R --index-version V` serves V without following R's pointer,
     and refuses, naming V, when V is not in R."""
+    from cluster.bootstrap import ensure_index
     from rayrag_cli import build_parser
-    from services.serving.cli import _ensure_index, serve_app_args
+    from services.serving.cli import index_spec, serve_app_args
 
     args = build_parser().parse_args(
         [
@@ -161,7 +162,7 @@ def test_serve_command_line_pins_an_index_version(tmp_path):
     assert (config.retriever.index_root, config.retriever.version) == (str(tmp_path), "v0003")
     assert config.retriever.follow_s == 0 and config.generator.generator == "trained/generator"
     with pytest.raises(ValueError, match="'v0003' is not in"):
-        _ensure_index(AppArgs.parse(app_args).index)
+        ensure_index(index_spec(AppArgs.parse(app_args).index))
 
 
 def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -> None:
@@ -171,11 +172,12 @@ def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -
 
     import numpy as np
 
+    from cluster.bootstrap import ensure_index
     from cluster.index_build import build_index_from_vectors
     from cluster.index_store import commit_version, load_manifest, publish, staging_dir, version_dir
     from cluster.passages import Passage
     from rayrag_cli import build_parser
-    from services.serving.cli import _ensure_index, serve_app_args
+    from services.serving.cli import index_spec, serve_app_args
 
     root = f"{s3_root}/served-by-cli"
     vectors = np.eye(4, dtype=np.float32)
@@ -188,4 +190,4 @@ def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -
     app_args["index"]["shard_cache_dir"] = str(tmp_path / "cache")
     config = AppConfig.from_args(app_args)
     assert (config.retriever.index_root, config.retriever.shard_cache_dir) == (root, str(tmp_path / "cache"))
-    _ensure_index(AppArgs.parse(app_args).index)  # finds v0001 published: nothing to build
+    ensure_index(index_spec(AppArgs.parse(app_args).index))  # finds v0001 published: nothing to build
