@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from cluster.passages import jsonl_rows, squad_articles, squad_dev_path
+from cluster.passages import is_json_file, jsonl_rows, squad_articles, squad_dev_path
 
 BUILTIN_QA = "squad-dev"  # SQuAD v1.1 dev
 Split = Literal["train", "test"]
@@ -82,9 +82,9 @@ def _qa_source(path: str) -> tuple[Path, Split | None]:
     SQuAD-format data)."""
     source, split = split_spec(path)
     file = squad_dev_path() if source == BUILTIN_QA else Path(source)
-    if not file.is_file() or file.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"unknown QA data {path!r}: expected 'squad-dev', a .json or .jsonl file")
-    if split is not None and file.suffix != ".json":
+    if not file.is_file() or not (is_json_file(file) or file.suffix == ".jsonl"):
+        raise ValueError(f"unknown QA data {path!r}: expected 'squad-dev', a .json[.gz] or .jsonl file")
+    if split is not None and not is_json_file(file):
         raise ValueError(f"QA data {path!r}: an article split (':{split}') needs SQuAD-format .json data")
     return file, split
 
@@ -93,7 +93,7 @@ def load_qa(path: str) -> list[QAExample]:
     """Question/answer pairs from SQuAD-format .json, JSONL {"question","answers"}, or "squad-dev";
     SQuAD-format data may name an article split: "squad-dev:train", "squad-dev:test" (`article_split`)."""
     file, split = _qa_source(path)
-    if file.suffix == ".json":
+    if is_json_file(file):
         examples = [e for _, article in squad_qa_by_article(file, split) for e in article]
     else:
         examples = list(_jsonl_qa(file))

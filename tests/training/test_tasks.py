@@ -33,10 +33,7 @@ LABELS = ("true", "false", "not enough info")  # label words of 1, 1 and 3 token
 
 @pytest.fixture()
 def squad() -> Path:
-    try:
-        return squad_dev_path()
-    except ValueError:
-        pytest.skip("SQuAD dev not available on this machine")
+    return squad_dev_path()
 
 
 def test_candidate_log_likelihoods_match_a_brute_force_marginal():
