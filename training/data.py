@@ -11,6 +11,9 @@ from typing import Literal, get_args
 from cluster.passages import is_json_file, jsonl_rows, squad_articles, squad_dev_path
 
 BUILTIN_QA = "squad-dev"  # SQuAD v1.1 dev
+BUILTIN_CLAIMS = "claims"  # the claims shipped in this package (shipped/README.md)
+BUILTIN_DATA = (BUILTIN_QA, BUILTIN_CLAIMS)  # data specs that name shipped data, not a file
+SHIPPED_CLAIMS = Path(__file__).resolve().parent / "shipped" / "claims.jsonl"
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = get_args(Split)
 TEST_EVERY = 5  # about one SQuAD article in five is in the test split
@@ -103,11 +106,13 @@ def load_qa(path: str) -> list[QAExample]:
 
 
 def load_claims(path: str) -> list[QAExample]:
-    """Labelled claims from JSONL {"claim": "...", "label": "..."}: the claim is the input, the label
-    word the target."""
-    file = Path(path)
+    """Labelled claims from JSONL {"claim": "...", "label": "..."}, or "claims" (the shipped ones): the
+    claim is the input, the label word the target."""
+    file = SHIPPED_CLAIMS if path == BUILTIN_CLAIMS else Path(path)
     if not file.is_file() or file.suffix != ".jsonl":
-        raise ValueError(f"unknown claims data {path!r}: expected a .jsonl file of {{claim, label}}")
+        raise ValueError(
+            f"unknown claims data {path!r}: expected {BUILTIN_CLAIMS!r} or a .jsonl file of {{claim, label}}"
+        )
     examples = []
     for number, row in jsonl_rows(file):
         claim, label = row.get("claim"), row.get("label")
