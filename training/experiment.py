@@ -319,7 +319,11 @@ def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: 
 
 
 class _Stopped(Exception):
-    """Raised when the `until` stage is done; `Experiment.run` catches it."""
+    """Raised when the `until` stage is done, with its result; `Experiment.run` catches it."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__(result)
+        self.result = result
 
 
 class Experiment:
@@ -358,7 +362,7 @@ class Experiment:
         try:
             return self._run_stages()
         except _Stopped as stopped:
-            return {"name": self.cfg.name, "stopped_after": self.until, self.until: stopped.args[0]}
+            return {"name": self.cfg.name, "stopped_after": self.until, self.until: stopped.result}
 
     def _run_stages(self) -> dict:
         from cluster.runtime import init_ray
