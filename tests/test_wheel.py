@@ -26,7 +26,10 @@ from services.rag.loading import cache_root
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-NOT_SOURCE = ("build", "dist", "*.egg-info", ".venv", ".git", "__pycache__", "mutants", "runs", "indexes")
+# what a checkout may hold beside the source (.gitignore, caches, mutation testing)
+NOT_SOURCE = (
+    ".git .venv build dist *.egg-info __pycache__ .*_cache .rayrag-cache runs indexes mutants".split()
+)
 QUESTION = "Who directed 2001: A Space Odyssey?"
 CORPUS = [
     {
@@ -125,6 +128,10 @@ def test_the_package_and_its_data_come_from_the_wheel(
     assert f"else {packaged})" in _run(["rayrag", "serve", "--help"], wide, empty_dir)
 
 
+def _write_corpus(folder: Path) -> None:
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in CORPUS))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -163,8 +170,7 @@ def _ask_http(url: str) -> dict:
 def test_serve_answers_over_http_then_stops_on_sigterm(
     venv: Path, run_env: dict[str, str], empty_dir: Path
 ) -> None:
-    corpus = empty_dir / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(row) + "\n" for row in CORPUS))
+    _write_corpus(empty_dir)
     _run(["rayrag", "index", "build", "--corpus", "corpus.jsonl", "--index-root", "idx"], run_env, empty_dir)
     port, log = _free_port(), empty_dir.parent / "serve.log"
     serve = subprocess.Popen(
@@ -190,8 +196,7 @@ def test_serve_answers_over_http_then_stops_on_sigterm(
 
 
 def test_ask_local_answers_from_the_corpus(run_env: dict[str, str], empty_dir: Path) -> None:
-    corpus = empty_dir / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(row) + "\n" for row in CORPUS))
+    _write_corpus(empty_dir)
     args = ["--corpus", "corpus.jsonl", "--n-docs", "2", "--num-beams", "1", "--max-new-tokens", "8"]
     out = _run(["rayrag", "ask", "--local", QUESTION, *args], run_env, empty_dir).splitlines()
     assert out[0].startswith("Answer: ") and out[0] != "Answer: "
