@@ -1,4 +1,4 @@
-"""Write examples/data/claims.jsonl: the label-generation (`classify`) test set shipped with rayrag.
+"""Write training/shipped/claims.jsonl (data spec "claims"): the label-generation (`classify`) test set.
 
 200 claims from the SQuAD v1.1 dev articles of the test split (`training.data.article_split`), made by
 `make_claims` below with seed 0: 100 "true" claims state a question's answer, 100 "false" ones an
@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cluster.passages import squad_dev_path
-from training.data import QAExample, Split, squad_qa_by_article
+from training.data import SHIPPED_CLAIMS, QAExample, Split, squad_qa_by_article
 from training.scoring import normalize_answer
 
-CLAIMS = Path(__file__).resolve().parent / "data" / "claims.jsonl"
 CLAIM_LABELS = ("true", "false")  # the label words of `make_claims`
 
 
@@ -81,7 +80,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--split", choices=("train", "test"), default="test")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=CLAIMS)
+    parser.add_argument("--out", type=Path, default=SHIPPED_CLAIMS)
     args = parser.parse_args()
     claims = make_claims(squad_dev_path(), args.split, args.count, args.seed)
     args.out.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in claims), encoding="utf-8")

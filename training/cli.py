@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, get_args
 
 from cluster.fusion import Retriever
 from cluster.runtime import init_ray
+from training import presets
 
 if TYPE_CHECKING:
     from cluster.bootstrap import IndexSpec
@@ -137,10 +138,10 @@ def run_experiment(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args.preset, args.config)  # config errors surface before Ray starts
     show_progress()
-    init_ray()
     out = Path(args.out)
-    line = Experiment(cfg, out).run()
-    print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
+    line = Experiment(cfg, out, args.until).run()
+    if args.until is None:
+        print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
     print(json.dumps(line))
     return 0
 
@@ -151,12 +152,17 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
         help="the paper's experiment on SQuAD dev: fine-tune, evaluate held-out articles, hot-swap the index",
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--preset", choices=("cpu", "cpu_retrievers", "gpu"), help="examples/experiment_<preset>.yaml"
-    )
-    which.add_argument("--config", help="your own experiment YAML (see examples/experiment_cpu.yaml)")
+    which.add_argument("--preset", choices=presets.NAMES, help=f"a config shipped in {presets.FOLDER}")
+    which.add_argument("--config", help="your own experiment YAML (start from a preset's)")
     parser.add_argument(
         "--out", required=True, help="folder for the data, index, runs and report; re-run to resume"
+    )
+    parser.add_argument(
+        "--until",
+        metavar="STAGE",
+        default=None,
+        help="stop after this stage and print its result instead of the report (e.g. data: the question "
+        "and corpus files only, no Ray; an unknown name lists the stages in order)",
     )
     parser.set_defaults(run=run_experiment)
 

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from cluster.config import Config
 from cluster.fusion import RetrievalConfig
 from services.rag.precision import Precision
-from training.data import BUILTIN_QA, split_spec
+from training.data import BUILTIN_DATA, split_spec
 
 Mode = Literal["sequence", "token"]
 TaskName = Literal["qa", "qgen", "classify"]  # training/tasks.py defines each
@@ -26,14 +26,14 @@ class Section(Config):
 
 
 class DataConfig(Section):
-    train: str  # the task's data: JSONL, SQuAD json or "squad-dev" (either with ":train" / ":test")
+    train: str  # the task's data: JSONL, SQuAD json, "squad-dev" (either with ":train" / ":test") or "claims"
     eval: str | None = None
 
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
         source = None if value is None else split_spec(value)[0]
-        if source not in (None, BUILTIN_QA) and not Path(source).is_file():
+        if source not in (None, *BUILTIN_DATA) and not Path(source).is_file():
             raise ValueError(f"no such file {source!r}")
         return value
 
@@ -203,6 +203,6 @@ def load_config(path: str | Path) -> TrainConfig:
 def _resolve(spec: str, folder: Path) -> str:
     """A data spec with its file resolved from `folder` (the split suffix kept)."""
     source, split = split_spec(spec)
-    if source == BUILTIN_QA:
+    if source in BUILTIN_DATA:
         return spec
     return str((folder / source).resolve()) + (f":{split}" if split else "")

@@ -42,12 +42,9 @@ from services.rag.model import Decoding, RagModel
 from services.rag.precision import Precision
 from training.config import ModelsConfig, Section, TrainConfig, config_from_dict
 from training.data import BUILTIN_QA, QAExample, load_qa, squad_qa_by_article
+from training.presets import preset_path
 
 logger = logging.getLogger(__name__)
-PRESETS = {
-    name: Path(__file__).resolve().parents[1] / "examples" / f"experiment_{name}.yaml"
-    for name in ("cpu", "cpu_retrievers", "gpu")  # as `rayrag experiment --preset` offers them
-}
 Ablation = Literal["bm25", "frozen", "hybrid"]
 ABLATIONS: dict[str, dict[str, Any]] = {  # the training keys each ablation run sets
     "bm25": {"retrieval": {"retriever": "bm25"}},
@@ -85,7 +82,7 @@ class ExperimentEval(Section):
 
 
 class ExperimentConfig(Section):
-    """A preset (examples/experiment_*.yaml): data, models, the training keys both runs share, eval."""
+    """A preset (training/presets/*.yaml): data, models, the training keys both runs share, eval."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: ExperimentData
@@ -93,6 +90,12 @@ class ExperimentConfig(Section):
     train: dict[str, Any]  # `rayrag train` keys: n_docs, mode, optimizer, schedule, scaling, compute...
     eval: ExperimentEval = Field(default_factory=ExperimentEval)
     ablations: tuple[Ablation, ...] = ()  # Table 6's rows: bm25, frozen, hybrid (a training run each)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this config runs, in order: STAGES less those of the ablations it does not ask for."""
+        skipped = {s for name in ABLATIONS if name not in self.ablations for s in (f"train_{name}", name)}
+        return tuple(stage for stage in STAGES if stage not in skipped)
 
     @model_validator(mode="after")
     def _check_train(self) -> ExperimentConfig:
@@ -132,10 +135,8 @@ class ExperimentConfig(Section):
 
 
 def load_experiment(preset: str | None, path: str | None) -> ExperimentConfig:
-    """A preset's config (cpu | gpu) or your own YAML file's."""
-    file = Path(path) if path else PRESETS.get(preset or "")
-    if file is None:
-        raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+    """A preset's config (training/presets: cpu, cpu_retrievers, gpu) or your own YAML file's."""
+    file = Path(path) if path else preset_path(preset or "")
     if not file.is_file():
         raise ValueError(f"no such experiment config {str(file)!r}")
     return ExperimentConfig.parse(yaml.safe_load(file.read_text()))
@@ -299,11 +300,22 @@ def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: 
     return {"recall": recall}
 
 
-class Experiment:
-    """Runs the stages in order; a finished stage's result is read back instead of re-run."""
+class _Stopped(Exception):
+    """Raised when the `until` stage is done, with its result; `Experiment.run` catches it."""
 
-    def __init__(self, cfg: ExperimentConfig, out: str | Path) -> None:
-        self.cfg, self.out = cfg, Path(out).resolve()
+    def __init__(self, result: dict) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+class Experiment:
+    """Runs the stages in order (up to `until` when given); a finished stage's result is read back
+    instead of re-run."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, until: str | None = None) -> None:
+        if until is not None and until not in cfg.stages:
+            raise ValueError(f"unknown stage {until!r} to stop after: expected one of {list(cfg.stages)}")
+        self.cfg, self.out, self.until = cfg, Path(out).resolve(), until
         self.stages_dir = self.out / "stages"
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         (self.out / "experiment.yaml").write_text(
@@ -314,21 +326,33 @@ class Experiment:
         path = self.stages_dir / f"{name}.json"
         if path.is_file():
             logger.info(f"[experiment] {name}: done before, read from {path}")
-            return json.loads(path.read_text())
-        number = STAGES.index(name) + 1
-        logger.info(f"[experiment] stage {number}/{len(STAGES)}: {name}")
-        began = time.monotonic()
-        result = run() | {"seconds": round(time.monotonic() - began, 1)}
-        path.write_text(json.dumps(result, indent=1))
-        logger.info(f"[experiment] {name} finished in {result['seconds'] / 60:.1f} min")
+            result = json.loads(path.read_text())
+        else:
+            stages = self.cfg.stages
+            logger.info(f"[experiment] stage {stages.index(name) + 1}/{len(stages)}: {name}")
+            began = time.monotonic()
+            result = run() | {"seconds": round(time.monotonic() - began, 1)}
+            path.write_text(json.dumps(result, indent=1))
+            logger.info(f"[experiment] {name} finished in {result['seconds'] / 60:.1f} min")
+        if name == self.until:
+            raise _Stopped(result)
         return result
 
     def run(self) -> dict:
-        """Every stage, then the report (report.json, results.md, plots); returns the summary."""
+        """Every stage, then the report (report.json, results.md, plots); returns the summary. With
+        `until`: the stages up to it, then {"name", "stopped_after", that stage's result}."""
+        try:
+            return self._run_stages()
+        except _Stopped as stopped:
+            return {"name": self.cfg.name, "stopped_after": self.until, self.until: stopped.result}
+
+    def _run_stages(self) -> dict:
+        from cluster.runtime import init_ray
         from cluster.shard_group import ShardGroup, ShardGroupConfig
 
         cfg, data_dir = self.cfg, self.out / "data"
         results = {"data": self.stage("data", lambda: write_data(cfg.data, data_dir))}
+        init_ray()  # $RAY_ADDRESS, else a local Ray; the data stage needs none
         index_root = self.out / "index"
         results["index"] = self.stage(
             "index", lambda: build_versions(data_dir, index_root, cfg.models.doc_encoder)

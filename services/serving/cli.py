@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, get_args
 
 from cluster.fusion import Retriever
 from cluster.runtime import init_ray
-from services.serving.serve_file import ServeFile, read_serve_file
+from services.serving.serve_file import PACKAGED, ServeFile, read_serve_file
 
 if TYPE_CHECKING:
     from cluster.bootstrap import IndexSpec
@@ -223,7 +223,9 @@ def _add_serving(subcommands: argparse._SubParsersAction) -> None:
         "serve", help="the main job: build the index if absent, serve RAG on 127.0.0.1:8000"
     )
     serve_cmd.add_argument(
-        "--config", default=None, help="a Serve config file (default: ./deploy.yaml, else the packaged one)"
+        "--config",
+        default=None,
+        help=f"a Serve config file (default: ./deploy.yaml when the current folder has one, else {PACKAGED})",
     )
     serve_cmd.add_argument("--port", type=int, default=None, help="override http_options.port")
     serve_cmd.add_argument(

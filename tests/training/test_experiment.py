@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from training.cli import run_experiment
-from training.experiment import STAGES, load_experiment, write_data
+from training.experiment import STAGES, Experiment, load_experiment, write_data
 
 ARTICLES = ("Alpha", "Beta", "Gamma", "Delta")
 SUMMARY_KEYS = (
@@ -64,9 +64,33 @@ def experiment_config(toy, tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(config: str, out: Path, capsys) -> dict:
-    assert run_experiment(argparse.Namespace(preset=None, config=config, out=str(out))) == 0
+def _run(config: str, out: Path, capsys, until: str | None = None) -> dict:
+    assert run_experiment(argparse.Namespace(preset=None, config=config, out=str(out), until=until)) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_until_data_writes_the_data_stage_only_without_ray(experiment_config, tmp_path, capsys, monkeypatch):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the data stage joined Ray")
+
+    monkeypatch.setattr("cluster.runtime.init_ray", no_ray)
+    line = _run(experiment_config, tmp_path, capsys, until="data")
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["data.json"]
+    assert line["name"] == "tiny" and line["stopped_after"] == "data"
+    expected = write_data(load_experiment(None, experiment_config).data, tmp_path / "again")
+    assert {k: v for k, v in line["data"].items() if k != "seconds"} == expected
+    assert (tmp_path / "data" / "test.jsonl").read_text() == (tmp_path / "again" / "test.jsonl").read_text()
+    assert not (tmp_path / "report.json").exists()
+    assert _run(experiment_config, tmp_path, capsys, until="data") == line  # read back, not re-run
+
+
+def test_until_names_a_stage_the_config_runs(experiment_config, tmp_path):
+    cpu = load_experiment("cpu", None)
+    assert cpu.stages == STAGES[: STAGES.index("retrievers") + 1]  # no ablations asked for
+    assert load_experiment(None, experiment_config).stages == STAGES
+    for until in ("bm25", "report"):
+        with pytest.raises(ValueError, match=f"unknown stage '{until}'.*'data', 'index'"):
+            Experiment(cpu, tmp_path, until)
 
 
 @pytest.mark.slow
