@@ -1,6 +1,6 @@
 """Retriever benchmark: dense, BM25 and hybrid on the experiment's SQuAD test questions over its corpus.
 
-Builds the cpu preset's data (examples/experiment_cpu.yaml: held-out articles' questions; the corpus
+Builds the cpu preset's data (training/presets/cpu.yaml: held-out articles' questions; the corpus
 of SQuAD paragraphs plus the default distractor passages), encodes the corpus with the shipped
 encoder (cached), builds one version with S = 2 shards and one with S = 1 (both with BM25), and
 measures on a local Ray:
