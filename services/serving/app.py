@@ -43,17 +43,13 @@ from services.serving.api import (
     last_chunks,
     responses,
 )
+from services.serving.config import AppConfig, IngressConfig
 from services.serving.conversation import generator_question, retrieval_query
-from services.serving.deployments import (
-    AppConfig,
-    Generated,
-    GeneratorDeployment,
-    IngressConfig,
-    RetrieverDeployment,
-    docs_of,
-)
-from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
+from services.serving.engine import EngineFactory, Generated, GenerateRequest, RagEngine
+from services.serving.generator_deployment import GeneratorDeployment
 from services.serving.metrics import LATENCY_MS, REQUESTS
+from services.serving.provenance import docs_of
+from services.serving.retriever_deployment import RetrieverDeployment
 
 ADMIN_TOKEN_ENV = "RAYRAG_ADMIN_TOKEN"
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from cluster.runtime import init_ray
 from services.serving.serve_file import ServeFile, read_serve_file
 
 if TYPE_CHECKING:
-    from services.serving.deployments import IndexArgs, ModelsArgs
+    from services.serving.config import IndexArgs, ModelsArgs
 
 log = logging.getLogger(__name__)
 SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "fused"}  # hybrid's is no similarity
@@ -148,7 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from services.serving.app import build_app
-    from services.serving.deployments import AppArgs
+    from services.serving.config import AppArgs
 
     config = read_serve_file(args.config)
     http, app, app_args = config.http_options, config.app, serve_app_args(config, args)

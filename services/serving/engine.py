@@ -1,4 +1,4 @@
-"""The generator engine the Generator deployment runs: its interface, its request, the RAG default."""
+"""The generator engine the Generator deployment runs: its interface, request and result, the RAG one."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ class GenerateRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys go to the engine together, in one `generate` call."""
         return (self.mode, self.decoding, self.num_beams, self.max_new_tokens, len(self.titles))
+
+
+@dataclass
+class Generated:
+    """An answer, or `error` naming why this request's input cannot be decoded (→ 422), or why
+    its decoding was stopped (`stopped`: its caller left or its deadline passed), or why it was
+    refused (`wait_s`: it could not finish by its deadline behind the work queued ahead, which
+    takes about `wait_s` seconds)."""
+
+    answer: str
+    generate_ms: float
+    batch_size: int
+    error: str | None = None
+    stopped: bool = False
+    wait_s: float | None = None
 
 
 class Engine(Protocol):

@@ -15,8 +15,9 @@ from cluster.shard_group import ShardUnavailableError
 from services.rag.retrieval import Retrieved
 from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving.app import Ingress, build_api
-from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig, LimitsConfig
+from services.serving.config import GeneratorConfig, IngressConfig, LimitsConfig
 from services.serving.engine import Emit, GenerateRequest
+from services.serving.generator_deployment import GeneratorDeployment
 
 TOKEN = "test-admin-token"
 PASSAGES = [

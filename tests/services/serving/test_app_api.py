@@ -19,8 +19,8 @@ from services.serving.api import (
     cited,
     sse,
 )
+from services.serving.config import AppArgs, AppConfig
 from services.serving.conversation import Turn
-from services.serving.deployments import AppArgs, AppConfig
 from services.serving.serve_file import read_serve_file
 
 

@@ -20,8 +20,9 @@ from ray.serve.exceptions import BackPressureError
 from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving import app as app_module
 from services.serving.api import MAX_BODY_BYTES
-from services.serving.deployments import GeneratorConfig, GeneratorDeployment, LimitsConfig, Ticket
+from services.serving.config import GeneratorConfig, LimitsConfig
 from services.serving.engine import GenerateRequest
+from services.serving.generator_deployment import GeneratorDeployment, Ticket
 from tests.services.serving.fakes import TOKEN, BrokenEngine, FakeEngine, InProcessGenerator, api_over
 
 

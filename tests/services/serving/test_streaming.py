@@ -11,7 +11,7 @@ import httpx
 
 from services.serving.api import STREAM_DEFAULTS, ChatRequest
 from services.serving.app import Ingress
-from services.serving.deployments import IngressConfig, LimitsConfig
+from services.serving.config import IngressConfig, LimitsConfig
 from services.serving.engine import GenerateRequest
 from tests.services.serving.fakes import FakeRetriever, InProcessGenerator, LocalHandle, SlowEngine, api_over
 
