@@ -27,7 +27,7 @@ class RetrievalConfig(Config):
     """
 
     model_config = ConfigDict(frozen=True)
-    retriever: Retriever = "dense"
+    retriever: Retriever = Field("dense", description="dense | bm25 | hybrid")
     # hybrid: "linear" (weighted min-max) or "rrf" (reciprocal rank fusion); linear, alpha 0.5, N = 50 had
     # the best recall@5 of the settings swept on training-article questions (docs/retrievers.md)
     fusion: Fusion = "linear"

@@ -1,7 +1,8 @@
 """Prints, as JSON, the effective defaults of each entry point (`rayrag ask --local`, `rayrag ask`
 over HTTP, `rayrag serve`'s app from deploy.yaml, the API's default requests, `rayrag eval`, the
 experiment presets), keyed by leaf name so that a config moved into a sub-config compares equal.
-Run it on two commits and diff the outputs: `python tests/entry_defaults.py > before.json`."""
+Run it on two commits (`python tests/entry_defaults.py > before.json`), then
+`python tests/entry_defaults.py compare before.json after.json`: each changed value, added or removed key."""
 
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ def leaves(value: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
     out = {} if out is None else out
     if isinstance(value, BaseModel):
         value = value.model_dump()
-    for key, item in value.items():
-        if isinstance(item, BaseModel) or (isinstance(item, dict) and key != "search_params"):
-            leaves(item, out)
-        else:
-            out[key] = list(item) if isinstance(item, tuple) else item
+    sections = {key for key, item in value.items() if isinstance(item, dict) and key != "search_params"}
+    for key, item in value.items():  # a section's key does not hide the same key of its config
+        if key not in sections:
+            out.setdefault(key, list(item) if isinstance(item, tuple) else item)
+    for key in sections:
+        leaves(value[key], out)
     return out
 
 
@@ -56,21 +58,23 @@ def ask_http() -> dict[str, Any]:
 
 
 def app_config() -> dict[str, Any]:
+    """The configs each deployment of `rayrag serve`'s app is bound with (deploy.yaml, no flags)."""
     from services.serving import cli
+    from services.serving.app import build_app
     from services.serving.serve_file import read_serve_file
 
     args = rayrag_cli.build_parser().parse_args(["serve"])
-    app_args = cli.serve_app_args(read_serve_file(args.config), args)
-    try:
-        from services.serving.config import AppConfig
-    except ImportError:
-        from services.serving.deployments import AppConfig
-    config = AppConfig.from_args(app_args) if hasattr(AppConfig, "from_args") else AppConfig.parse(app_args)
-    dumped = config.model_dump()
-    return {part: leaves(dumped[part]) for part in ("retriever", "generator", "ingress")} | {
-        "models": leaves(dumped["models"]) if "models" in dumped else None,
-        "index": leaves(dumped["index"]) if "index" in dumped else None,
-    }
+    ingress = build_app(cli.serve_app_args(read_serve_file(args.config), args))._bound_deployment
+    retriever, generator = (app._bound_deployment for app in ingress.init_args[:2])
+    out = {}
+    for name, deployment in (("retriever", retriever), ("generator", generator), ("ingress", ingress)):
+        out[name] = {}
+        for part in deployment.init_args:
+            if isinstance(part, BaseModel):
+                leaves(part, out[name])
+            elif name == "ingress" and not hasattr(part, "_bound_deployment"):
+                out[name]["admin_token"] = part
+    return out
 
 
 def api_requests() -> dict[str, Any]:
@@ -88,8 +92,15 @@ def eval_config() -> dict[str, Any]:
     config = capture(argv, "training.evaluate.EvalConfig.parse")
     config = parse(config) if isinstance(config, dict) else config
     args = rayrag_cli.build_parser().parse_args(argv)
-    names = ("query_encoder", "doc_encoder", "generator", "precision", "corpus_limit", "limit")
-    return leaves(config) | {name: getattr(args, name) for name in names}
+    models = {name: getattr(args, name) for name in ("query_encoder", "doc_encoder", "generator")}
+    try:  # doc_encoder None: the query encoder's
+        from services.rag.config import ModelsConfig
+
+        models = ModelsConfig.parse(models).model_dump(exclude={"precision"})
+    except ImportError:
+        pass
+    names = ("precision", "corpus_limit", "limit")
+    return leaves(config) | models | {name: getattr(args, name) for name in names}
 
 
 def presets() -> dict[str, Any]:
@@ -103,7 +114,34 @@ def presets() -> dict[str, Any]:
     return out
 
 
+RENAMED = {
+    "encoder": "query_encoder",
+    "shard_replicas": "replicas",
+    "shard_cache_dir": "cache_dir",
+    "root": "index_root",
+}
+
+
+def compare(before: dict, after: dict, path: str = "") -> None:
+    """Prints each value that differs, and each key one side lacks (keys renamed since: RENAMED)."""
+    if "doc_encoder" in before and before["doc_encoder"] is None:  # None meant the query encoder's
+        before = {**before, "doc_encoder": before.get("encoder", before.get("query_encoder"))}
+    before = {RENAMED.get(key, key): value for key, value in before.items()}
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key, "<absent>"), after.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            compare(old, new, f"{path}{key}.")
+        elif old == "<absent>" or new == "<absent>":
+            change, value = ("added  ", new) if old == "<absent>" else ("removed", old)
+            print(f"{change} {path}{key} = {value!r}")
+        elif old != new:
+            print(f"CHANGED {path}{key}: {old!r} -> {new!r}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        compare(*(json.loads(Path(name).read_text()) for name in sys.argv[2:4]))
+        return
     report = {
         "ask_local": leaves(capture(["ask", "--local", "Q"], "services.rag.local.LocalRag.from_config")),
         "ask_http": ask_http(),

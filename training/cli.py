@@ -7,13 +7,17 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
-from cluster.fusion import Retriever
+from cluster.flags import add_config_flags, flag_values
+from cluster.fusion import RetrievalConfig
 from cluster.runtime import init_ray
+from services.rag.config import DecodingConfig, ModelsConfig
 
 if TYPE_CHECKING:
     from training.modules import RagTrainModule
+
+EVAL_DECODING = ("num_beams", "max_new_tokens", "decoding")  # each row's n_docs and mode are its own
 
 
 def show_progress() -> None:
@@ -73,23 +77,19 @@ def run_eval(args: argparse.Namespace) -> int:
     from cluster.index_store import load_manifest, resolve_version
     from cluster.shard_group import ShardGroup, ShardGroupConfig
     from services.rag.precision import resolve_dtype
-    from training.config import ModelsConfig
-    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, with_labels, write_plots
+    from training.evaluate import EvalConfig, evaluate, summary_line, with_labels, write_plots
     from training.modules import build_train_module, load_trained
     from training.tasks import get_task
 
     cfg = EvalConfig.parse(
-        {
+        flag_values(args, ("settings", "batch_size", "task"))
+        | {
             "n_docs": sorted(set(args.n_docs)),
-            "settings": args.settings or SETTINGS,
-            "batch_size": args.batch_size,
-            "num_beams": args.num_beams,
-            "max_new_tokens": args.max_new_tokens,
-            "decoding": args.decoding,
-            "task": args.task,
+            "decode": flag_values(args, EVAL_DECODING),
             "retrieval": {"retriever": args.retriever},
         }
     )
+    models = ModelsConfig.parse(flag_values(args, ModelsConfig.model_fields))
     show_progress()
     data = get_task(cfg.task).load(args.data)
     cfg = with_labels(cfg, data)  # classify: the label words of the whole file, before --limit
@@ -100,11 +100,8 @@ def run_eval(args: argparse.Namespace) -> int:
         module, state = load_trained(args.checkpoint)
         doc_encoder = state.models["doc_encoder"]
     else:
-        models = ModelsConfig(
-            query_encoder=args.query_encoder, doc_encoder=args.doc_encoder, generator=args.generator
-        )
-        module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
-    module.rag.generator.model.to(resolve_dtype(args.precision))
+        module, doc_encoder = build_train_module(models, "sequence", False).eval(), models.doc_encoder
+    module.rag.generator.model.to(resolve_dtype(models.precision))
     init_ray()
     root = _eval_index(args, module, doc_encoder, out)
     group = ShardGroup(ShardGroupConfig(index_root=root))
@@ -167,17 +164,12 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
-    from training.config import TASKS
+    from training.evaluate import EvalConfig
 
     parser = subcommands.add_parser(
         "eval", help="a task's metrics (QA: EM / F1 / recall@k) for closed-book, RAG-Token, RAG-Sequence"
     )
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        default="qa",
-        help="qa: EM/F1; qgen: answer -> question, BLEU-1/ROUGE-L; classify: claim -> label, accuracy",
-    )
+    add_config_flags(parser, EvalConfig, ("task",))
     parser.add_argument(
         "--data",
         "--qa",
@@ -191,35 +183,13 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     where.add_argument("--corpus", help="corpus spec to index first: default | squad-open | PATH")
     parser.add_argument("--corpus-limit", type=int, default=None)
     parser.add_argument("--checkpoint", help="a training checkpoint folder (else the models named below)")
-    parser.add_argument("--query-encoder", default="default")
-    parser.add_argument("--doc-encoder", default="default")
-    parser.add_argument("--generator", default="default")
-    parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument(
-        "--retriever", choices=get_args(Retriever), default="dense", help="dense | bm25 | hybrid"
-    )
-    parser.add_argument(
-        "--settings",
-        nargs="+",
-        default=None,
-        help="some of closed_book rag_token rag_sequence (default: all three)",
-    )
+    add_config_flags(parser, ModelsConfig, ModelsConfig.model_fields)
+    add_config_flags(parser, EvalConfig, ("n_docs",))
+    add_config_flags(parser, RetrievalConfig, ("retriever",))
+    add_config_flags(parser, EvalConfig, ("settings",))
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument(
-        "--decoding",
-        choices=("thorough", "fast"),
-        default="fast",
-        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
-    )
+    add_config_flags(parser, EvalConfig, ("batch_size",))
+    add_config_flags(parser, DecodingConfig, EVAL_DECODING, defaults=EvalConfig().decode)
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
     parser.add_argument("--out", help="folder for report.json and the PNG plots")
     parser.set_defaults(run=run_eval)

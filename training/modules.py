@@ -9,9 +9,10 @@ import torch
 
 from cluster.encoders import TextEncoder
 from cluster.passages import Passage, passage_text
+from services.rag.config import Mode
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
-from services.rag.model import Mode, RagModel
+from services.rag.model import RagModel
 from training.checkpoint import TrainState, load_checkpoint, read_state
 from training.config import ComputeConfig, ModelsConfig
 

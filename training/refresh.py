@@ -13,6 +13,7 @@ import torch
 
 from cluster.encoders import TextEncoder
 from cluster.index_build import build_index, build_index_from_vectors
+from cluster.index_config import IndexConfig
 from cluster.index_store import publish
 from cluster.passages import load_corpus, passage_text
 
@@ -21,12 +22,8 @@ NICENESS = 10
 
 @dataclass(frozen=True)
 class RefreshConfig:
-    index_root: str
-    corpus: str  # load_corpus spec: the passages every version indexes
+    index: IndexConfig  # where versions go, built from what (its corpus, shards, refresh_encoders)
     doc_encoder: str  # the document encoder's architecture (name or path)
-    corpus_limit: int | None = None
-    shards: int = 1
-    num_encoders: int = 0  # 0: encode inside the refresher (niced, loaded once); N: a pool of N Ray encoders
 
 
 class IndexRefresher:
@@ -43,7 +40,7 @@ class IndexRefresher:
 
     def __init__(self, config: RefreshConfig, shard_group: Any) -> None:
         self.config, self.shard_group = config, shard_group
-        self.passages = load_corpus(config.corpus, config.corpus_limit)
+        self.passages = load_corpus(config.index.corpus, config.index.corpus_limit)
         self.encoder: TextEncoder | None = None  # loaded by the first in-actor refresh
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -80,7 +77,7 @@ class IndexRefresher:
             with self._lock:
                 if generation != self._generation:
                     return  # a resume moved back to an older checkpoint: these weights are gone
-                publish(self.config.index_root, version)
+                publish(self.config.index.index_root, version)
                 ray.get(self.shard_group.swap.remote(version))
                 self.refreshes.append(
                     {"step": step, "version": version, "seconds": round(time.monotonic() - started, 3)}
@@ -90,13 +87,13 @@ class IndexRefresher:
 
     def _encode_and_write(self, encoder_state: dict[str, torch.Tensor]) -> str:
         """A new unpublished version of the corpus under these document-encoder weights."""
-        if self.config.num_encoders > 0:
+        if self.config.index.refresh_encoders > 0:
             return build_index(
                 self.passages,
-                self.config.index_root,
+                self.config.index.index_root,
                 encoder=self.config.doc_encoder,
-                shards=self.config.shards,
-                num_encoders=self.config.num_encoders,
+                shards=self.config.index.shards,
+                num_encoders=self.config.index.refresh_encoders,
                 encoder_threads=1,  # one CPU each, beside training
                 encoder_state=encoder_state,
                 publish=False,
@@ -111,8 +108,8 @@ class IndexRefresher:
         return build_index_from_vectors(
             vectors,
             self.passages,
-            self.config.index_root,
-            shards=self.config.shards,
+            self.config.index.index_root,
+            shards=self.config.index.shards,
             encoder=self.encoder.name,
             encoder_fingerprint=self.encoder.fingerprint(),
             publish=False,
@@ -122,7 +119,7 @@ class IndexRefresher:
         """Resume: forget in-flight builds, publish and serve `version` again."""
         with self._lock:
             self._generation += 1
-            publish(self.config.index_root, version)
+            publish(self.config.index.index_root, version)
             if ray.get(self.shard_group.health.remote())["version"] != version:
                 ray.get(self.shard_group.swap.remote(version))
 

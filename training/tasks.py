@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.rag.config import Mode
 from services.rag.generator import Generator
 from services.rag.marginal import candidate_log_likelihoods
-from services.rag.model import Mode
 from training.config import TASKS, TaskName
 from training.data import QAExample, Split, load_claims, load_qa, squad_qa_by_article
 from training.metrics import normalize_answer, score_generations, score_labels, score_predictions

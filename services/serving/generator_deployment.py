@@ -13,6 +13,7 @@ from functools import partial
 import torch
 from ray import serve
 
+from services.rag.config import ModelsConfig
 from services.rag.stopping import GenerationStopped
 from services.serving.config import GeneratorConfig
 from services.serving.engine import Emit, EngineFactory, Generated, GenerateRequest, RagEngine
@@ -38,11 +39,11 @@ class GeneratorDeployment:
     `stream` answers one request piece by piece. One engine call runs at a time, and a request
     that could not finish by its deadline behind the work held already is refused at once."""
 
-    def __init__(self, config: GeneratorConfig, engine: EngineFactory = RagEngine):
+    def __init__(self, config: GeneratorConfig, models: ModelsConfig, engine: EngineFactory = RagEngine):
         self.threads = reserved_threads(config.torch_threads)
         torch.set_num_threads(self.threads)
         self.config = config
-        self.engine = engine(config.generator, config.precision)
+        self.engine = engine(models.generator, models.precision)
         self.failure: BaseException | None = None
         self.held = 0  # requests admitted and not yet answered (event loop only)
         self.held_work = 0  # their work (`GenerateRequest.work`)

@@ -9,9 +9,12 @@ from typing import Any
 import torch
 from ray import serve
 
+from cluster.fusion import RetrievalConfig
+from cluster.index_config import IndexConfig
 from cluster.index_store import list_versions, published_version
+from services.rag.config import ModelsConfig
 from services.rag.retrieval import Retrieved, group_search, retrieve
-from services.serving.config import RetrieverConfig
+from services.serving.config import DeploymentConfig
 from services.serving.replica import reserved_threads, set_batching
 
 
@@ -19,31 +22,24 @@ from services.serving.replica import reserved_threads, set_batching
 class RetrieverDeployment:
     """Encodes batched questions and searches the shard group (pinned to one version per batch)."""
 
-    def __init__(self, config: RetrieverConfig):
+    def __init__(
+        self, config: DeploymentConfig, index: IndexConfig, models: ModelsConfig, retrieval: RetrievalConfig
+    ):
         from cluster.encoders import TextEncoder
-        from cluster.shard_group import ShardGroup, ShardGroupConfig
+        from cluster.shard_group import ShardGroup
         from services.rag.model import default_doc_score_scale
 
         torch.set_num_threads(reserved_threads(config.torch_threads))
-        self.config = config
-        self.encoder = TextEncoder.from_pretrained(config.query_encoder).eval()
+        self.index = index
+        self.encoder = TextEncoder.from_pretrained(models.query_encoder).eval()
         self.doc_score_scale = default_doc_score_scale(self.encoder)
-        self.retrieval = config.retrieval
-        self.seen_pointer = published_version(config.index_root)
-        self.group = ShardGroup(
-            ShardGroupConfig(
-                index_root=config.index_root,
-                replicas=config.shard_replicas,
-                shard_cpus=config.shard_cpus,
-                faiss_threads=config.faiss_threads,
-                cache_dir=config.shard_cache_dir,
-            ),
-            version=config.version,
-        )
+        self.retrieval = retrieval
+        self.seen_pointer = published_version(index.index_root)
+        self.group = ShardGroup(index, version=index.version)
         self.failure: BaseException | None = None
         self.stop = threading.Event()
         set_batching(self.retrieve, config.batch)
-        if config.follow_s > 0:
+        if index.follow_s > 0:
             threading.Thread(target=self._follow, daemon=True, name="follow-index").start()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
@@ -75,9 +71,9 @@ class RetrieverDeployment:
 
     def _follow(self) -> None:
         """Swap when the index root's pointer file names a new version."""
-        while not self.stop.wait(self.config.follow_s):
+        while not self.stop.wait(self.index.follow_s):
             try:
-                pointer = published_version(self.config.index_root)
+                pointer = published_version(self.index.index_root)
                 if pointer is not None and pointer != self.seen_pointer:
                     if pointer != self.group.version:
                         self.swap(pointer)
@@ -107,8 +103,8 @@ class RetrieverDeployment:
             "dim": manifest.dim,
             "encoder": manifest.encoder,
             "index_type": manifest.index_type,
-            "published": published_version(self.config.index_root),
-            "versions": list_versions(self.config.index_root),
+            "published": published_version(self.index.index_root),
+            "versions": list_versions(self.index.index_root),
         }
 
     def check_health(self) -> None:
