@@ -7,8 +7,9 @@ measures on a local Ray:
 
 - the fusion sweep: recall@5 of hybrid for each setting of SWEEP on a seeded sample of the training
   articles' questions (never the test questions), from which the default of cluster/fusion.py is chosen;
-- recall@1/5/10 of dense, BM25 and hybrid (the default fusion; RRF over the top-50 too) on the test
-  questions, S = 2 (skipped with --sweep-only, so the test set is touched only once a default is chosen);
+- recall@1/5/10 of dense, BM25 and hybrid (the default fusion; the linear α = 0.5 mix over the top-50
+  too) on the test questions, S = 2 (skipped with --sweep-only, so the test set is touched only once a
+  default is chosen);
 - BM25 build throughput (tokenising + corpus statistics + weights, one shard, in this process);
 - BM25 queries per second at batch 1, S = 2 against S = 1 (the same actors and fan-out code),
   and that both return the same ids and scores;
@@ -72,6 +73,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--sweep-only", action="store_true", help="run the fusion sweep alone, without the test questions"
+    )
+    parser.add_argument(
+        "--bm25-stopwords",
+        default=Bm25Params().stopwords,
+        help="the bm25s stop-word list BM25 drops (en: 33 words, en_plus: 179; 'none': keep every word)",
     )
     return parser.parse_args()
 
@@ -151,7 +157,7 @@ def p50_ms(encoder: TextEncoder, group: ShardGroup, questions: list[str], scale:
 
 
 def build(
-    out: Path, cfg: ExperimentConfig, doc_encoder: TextEncoder
+    out: Path, cfg: ExperimentConfig, doc_encoder: TextEncoder, params: Bm25Params
 ) -> tuple[dict, np.ndarray, dict[int, str], float]:
     """The preset's data under `out`, its vectors, versions with S = 1 and S = 2, and the BM25 build time."""
     counts = write_data(cfg.data, out / "data")
@@ -163,9 +169,12 @@ def build(
     start = time.perf_counter()
     chunks = [lambda: (texts[i : i + 4096] for i in range(0, len(texts), 4096))]  # one shard
     (out / "bm25-alone").mkdir(exist_ok=True)
-    build_shards(out / "bm25-alone", chunks, Bm25Params())
+    build_shards(out / "bm25-alone", chunks, params)
     build_s = time.perf_counter() - start
-    versions = {s: build_index_from_vectors(vectors, passages, out / f"index-s{s}", shards=s) for s in (1, 2)}
+    versions = {
+        s: build_index_from_vectors(vectors, passages, out / f"index-s{s}", shards=s, bm25_params=params)
+        for s in (1, 2)
+    }
     return counts, vectors, versions, build_s
 
 
@@ -176,7 +185,7 @@ def test_figures(
     questions = [e.question for e in examples]
     search = group_search(groups[2])
     configs = {name: RetrievalConfig(retriever=name) for name in RETRIEVERS}
-    configs["hybrid_rrf"] = RetrievalConfig(retriever="hybrid", fusion="rrf", candidates=50)
+    configs["hybrid_linear"] = RetrievalConfig(retriever="hybrid", fusion="linear", candidates=50)
     found = {
         name: Retrieved.concat(
             [
@@ -225,7 +234,9 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-bench-retrievers-"))
     cfg = load_experiment(args.preset, None)
     query_encoder, doc_encoder = load_encoders(cfg.models.query_encoder, cfg.models.doc_encoder)
-    counts, vectors, versions, build_s = build(out, cfg, doc_encoder)
+    stopwords = None if args.bm25_stopwords == "none" else args.bm25_stopwords
+    params = Bm25Params(stopwords=stopwords)
+    counts, vectors, versions, build_s = build(out, cfg, doc_encoder, params)
     sweep = sample_questions(load_qa(str(out / "data" / "train.jsonl")), args.sweep_questions, cfg.data.seed)
     test = load_qa(str(out / "data" / "test.jsonl"))
     scale = default_doc_score_scale(query_encoder)
@@ -239,6 +250,7 @@ def main() -> None:
     try:
         summary = {
             "passages": counts["passages"],
+            "bm25_stopwords": stopwords,
             "bm25_build_passages_per_s": round(len(vectors) / build_s, 1),
         }
         summary.update(sweep_summary(fusion_sweep(query_encoder, groups[2], sweep, scale), len(sweep)))

@@ -35,7 +35,9 @@ class Bm25Params(Config):
     k1: float = Field(1.5, ge=0)
     b: float = Field(0.75, ge=0, le=1)
     stemmer: str | None = "english"  # a PyStemmer language; None: no stemming
-    stopwords: str | None = "en"  # a bm25s stopword list; None: keep every word
+    # a bm25s stop-word list (en_plus: NLTK's 179 English words; en: 33) or None to keep every word;
+    # en_plus had the better BM25 recall@5 on training-article questions (docs/retrievers.md)
+    stopwords: str | None = "en_plus"
     lower: bool = True
 
 

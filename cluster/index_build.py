@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from cluster.bm25 import Bm25Params
 from cluster.bm25 import add_to_version as add_bm25
 from cluster.encode_pool import encode_on_ray
 from cluster.index_store import Manifest, ShardManifest, commit_version, sha256_file, staging_dir
@@ -134,6 +135,7 @@ def build_index_from_vectors(
     encoder_fingerprint: str = "",
     publish: bool = True,
     search_params: Mapping[str, float] | None = None,
+    bm25_params: Bm25Params = Bm25Params(),
     show_progress: bool = False,
 ) -> str:
     """Write a new version from precomputed (N, d) vectors; returns its name (e.g. "v0002")."""
@@ -154,7 +156,7 @@ def build_index_from_vectors(
             _write_shard(staged, s, index_type, np.ascontiguousarray(vectors[a:b]), passages[a:b])
             for s, (a, b) in enumerate(tqdm(bounds, desc="shards", disable=not show_progress))
         )
-        bm25, entries = add_bm25(staged, passages, entries)
+        bm25, entries = add_bm25(staged, passages, entries, bm25_params)
         manifest = Manifest(
             version="staged",
             encoder=encoder,

@@ -112,7 +112,7 @@ def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None
 
 
 class Shard:
-    """Hosts one shard of one version; made a Ray actor by the shard group."""
+    """Hosts one shard of one version; made a Ray actor by cluster/replicas.py (`RemoteShard`)."""
 
     def __init__(self, config: ShardConfig) -> None:
         self.config = config

@@ -1,4 +1,4 @@
-"""`rayrag train` and `rayrag eval`: the training package's subcommands."""
+"""`rayrag train`, `eval`, `experiment` and `export`: the training package's subcommands."""
 
 from __future__ import annotations
 

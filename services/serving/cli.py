@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "fused"}  # hybrid's is no similarity
 DECODING_FLAGS = ("n_docs", "mode", "decoding", "num_beams", "max_new_tokens")  # a DecodingConfig's
 MODEL_FLAGS = ("query_encoder", "doc_encoder", "generator", "precision")  # a ModelsConfig's
-LOCAL_FLAGS = ("corpus", "limit", "query_encoder", "doc_encoder", "generator", "precision", "cache_dir")
+LOCAL_FLAGS = ("corpus", "limit", *MODEL_FLAGS, "cache_dir")  # a LocalConfig's, with DECODING_FLAGS
 
 
 def run_ask(args: argparse.Namespace) -> int:
