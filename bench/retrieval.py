@@ -25,6 +25,7 @@ from bench.shard_memory import measured_shards
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
 from cluster.passages import Passage
+from cluster.shard import SearchConfig
 from cluster.shard_group import ShardGroup, ShardGroupConfig
 
 
@@ -128,9 +129,9 @@ def bench_group(
 ) -> dict:
     config = ShardGroupConfig(
         index_root=root,
-        faiss_threads=args.shard_threads,
-        blas_threshold=args.blas_threshold,
-        verify_checksums=False,
+        search=SearchConfig(
+            faiss_threads=args.shard_threads, blas_threshold=args.blas_threshold, verify_checksums=False
+        ),
         call_timeout_s=600,
     )
     group = ShardGroup(config, version=version)
@@ -150,9 +151,9 @@ def replica_memory(root: str, version: str, queries: np.ndarray, args: argparse.
     config = ShardGroupConfig(
         index_root=root,
         replicas=2,
-        faiss_threads=args.shard_threads,
-        blas_threshold=args.blas_threshold,
-        verify_checksums=False,
+        search=SearchConfig(
+            faiss_threads=args.shard_threads, blas_threshold=args.blas_threshold, verify_checksums=False
+        ),
         call_timeout_s=600,
     )
     with measured_shards():

@@ -13,6 +13,8 @@ from cluster.passages import Passage, load_corpus
 if TYPE_CHECKING:
     import torch
 
+    from cluster.index_config import IndexConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,18 @@ class IndexSpec:
     corpus_limit: int | None = None  # the first passages only
     encoder: str = "default"  # the document encoder (name or path)
     shards: int = 1
+
+    @classmethod
+    def of(cls, index: IndexConfig, doc_encoder: str) -> IndexSpec:
+        """The spec of an index config (deploy.yaml's `args.index`, the training config's `index`)."""
+        return cls(
+            root=index.index_root,
+            version=index.version,
+            corpus=index.corpus,
+            corpus_limit=index.corpus_limit,
+            encoder=doc_encoder,
+            shards=index.shards,
+        )
 
     def passages(self) -> list[Passage]:
         """The corpus this index is built from."""

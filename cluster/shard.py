@@ -63,19 +63,26 @@ class PassageTable:
         np.save(offsets_path, offsets)
 
 
-class ShardConfig(Config):
-    """What one shard actor loads and how it searches."""
+class SearchConfig(Config):
+    """How a shard actor searches: its FAISS threads and search-time parameters, and its file cache."""
 
     model_config = ConfigDict(frozen=True)
-    index_root: str
-    version: str
-    shard: int = Field(ge=0)
     faiss_threads: int = Field(1, ge=1)
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 128}
     verify_checksums: bool = True  # once per node and file, when fetched or first seen
     cache_dir: str | None = None  # this node's shard file cache (None: see cluster.shard_cache.cache_dir)
     # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
     blas_threshold: int | None = Field(None, ge=1)
+
+
+class ShardConfig(Config):
+    """What one shard actor loads, and how it searches."""
+
+    model_config = ConfigDict(frozen=True)
+    index_root: str
+    version: str
+    shard: int = Field(ge=0)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 @dataclass
@@ -116,16 +123,17 @@ class Shard:
                 f"shard {config.shard} not in version {config.version} ({len(manifest.shards)} shards)"
             )
         self.manifest, self.entry = manifest, manifest.shards[config.shard]
-        cache = cache_dir(config.cache_dir)
+        search = config.search
+        cache = cache_dir(search.cache_dir)
         paths, self.fetched = shard_files(
-            config.index_root, config.version, self.entry, cache, config.verify_checksums
+            config.index_root, config.version, self.entry, cache, search.verify_checksums
         )
         files = {role: str(path) for role, path in paths.items()}
-        faiss.omp_set_num_threads(config.faiss_threads)
-        if config.blas_threshold is not None:
-            faiss.cvar.distance_compute_blas_threshold = config.blas_threshold
+        faiss.omp_set_num_threads(search.faiss_threads)
+        if search.blas_threshold is not None:
+            faiss.cvar.distance_compute_blas_threshold = search.blas_threshold
         self.index = faiss.read_index(files["index"], MMAP_FLAGS)
-        apply_search_params(self.index, {**manifest.search_params, **config.search_params})
+        apply_search_params(self.index, {**manifest.search_params, **search.search_params})
         self.ids = np.load(files["ids"], mmap_mode="r")  # (n,) int64
         self.table = PassageTable(files["passages"], files["offsets"])
         self.vectors = np.load(files["vectors"], mmap_mode="r") if "vectors" in files else None  # (n, d)

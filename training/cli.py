@@ -7,15 +7,18 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
-from cluster.fusion import Retriever
+from cluster.flags import add_config_flags, flag_values
+from cluster.fusion import RetrievalConfig
 from cluster.runtime import init_ray
+from services.rag.config import DecodingConfig, ModelsConfig
 from training import presets
 
 if TYPE_CHECKING:
     from cluster.bootstrap import IndexSpec
-    from training.config import ModelsConfig
+
+EVAL_DECODING = ("num_beams", "max_new_tokens", "decoding")  # each row's n_docs and mode are its own
 
 
 def show_progress() -> None:
@@ -48,18 +51,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_models(args: argparse.Namespace) -> tuple[ModelsConfig, dict | None]:
-    """The models to evaluate (--checkpoint's, else the ones named) and the trained document encoder's
-    weights when the checkpoint has them."""
+def _eval_models(checkpoint: str | None, named: ModelsConfig) -> tuple[ModelsConfig, dict | None]:
+    """The models to evaluate (the checkpoint's, at the named precision, else the named ones) and the
+    trained document encoder's weights when the checkpoint has them."""
     from services.rag.checkpoint import component_weights, read_state
-    from training.config import ModelsConfig
 
-    if not args.checkpoint:
-        names = {"query_encoder": args.query_encoder, "doc_encoder": args.doc_encoder}
-        return ModelsConfig(**names, generator=args.generator), None
-    state = read_state(args.checkpoint)
-    trained = component_weights(args.checkpoint, "doc_encoder") if state.doc_encoder_trained else None
-    return ModelsConfig(**state.models), trained
+    if not checkpoint:
+        return named, None
+    state = read_state(checkpoint)
+    trained = component_weights(checkpoint, "doc_encoder") if state.doc_encoder_trained else None
+    return ModelsConfig(**state.models, precision=named.precision), trained
 
 
 def _eval_index(args: argparse.Namespace, doc_encoder: str, out: Path) -> IndexSpec:
@@ -79,29 +80,26 @@ def run_eval(args: argparse.Namespace) -> int:
     from cluster.index_store import load_manifest
     from cluster.shard_group import ShardGroup, ShardGroupConfig
     from services.rag.loading import load_rag
-    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, with_labels, write_plots
+    from training.evaluate import EvalConfig, evaluate, summary_line, with_labels, write_plots
     from training.tasks import get_task
 
     cfg = EvalConfig.parse(
-        {
+        flag_values(args, ("settings", "batch_size", "task"))
+        | {
             "n_docs": sorted(set(args.n_docs)),
-            "settings": args.settings or SETTINGS,
-            "batch_size": args.batch_size,
-            "num_beams": args.num_beams,
-            "max_new_tokens": args.max_new_tokens,
-            "decoding": args.decoding,
-            "task": args.task,
+            "decode": flag_values(args, EVAL_DECODING),
             "retrieval": {"retriever": args.retriever},
         }
     )
+    models = ModelsConfig.parse(flag_values(args, ModelsConfig.model_fields))
     show_progress()
     data = get_task(cfg.task).load(args.data)
     cfg = with_labels(cfg, data)  # classify: the label words of the whole file, before --limit
     examples = data[: args.limit]
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
-    models, encoder_state = _eval_models(args)
-    rag = load_rag(models, args.precision, args.checkpoint)
+    models, encoder_state = _eval_models(args.checkpoint, models)
+    rag = load_rag(models, models.precision, args.checkpoint)
     init_ray()
     spec = _eval_index(args, models.doc_encoder, out)
     version = ensure_index(spec, encoder_state)
@@ -168,17 +166,12 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
-    from training.config import TASKS
+    from training.evaluate import EvalConfig
 
     parser = subcommands.add_parser(
         "eval", help="a task's metrics (QA: EM / F1 / recall@k) for closed-book, RAG-Token, RAG-Sequence"
     )
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        default="qa",
-        help="qa: EM/F1; qgen: answer -> question, BLEU-1/ROUGE-L; classify: claim -> label, accuracy",
-    )
+    add_config_flags(parser, EvalConfig, ("task",))
     parser.add_argument(
         "--data",
         "--qa",
@@ -192,35 +185,13 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     where.add_argument("--corpus", help="corpus spec to index first: default | squad-open | PATH")
     parser.add_argument("--corpus-limit", type=int, default=None)
     parser.add_argument("--checkpoint", help="a training checkpoint folder (else the models named below)")
-    parser.add_argument("--query-encoder", default="default")
-    parser.add_argument("--doc-encoder", default="default")
-    parser.add_argument("--generator", default="default")
-    parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument(
-        "--retriever", choices=get_args(Retriever), default="dense", help="dense | bm25 | hybrid"
-    )
-    parser.add_argument(
-        "--settings",
-        nargs="+",
-        default=None,
-        help="some of closed_book rag_token rag_sequence (default: all three)",
-    )
+    add_config_flags(parser, ModelsConfig, ModelsConfig.model_fields)
+    add_config_flags(parser, EvalConfig, ("n_docs",))
+    add_config_flags(parser, RetrievalConfig, ("retriever",))
+    add_config_flags(parser, EvalConfig, ("settings",))
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument(
-        "--decoding",
-        choices=("thorough", "fast"),
-        default="fast",
-        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
-    )
+    add_config_flags(parser, EvalConfig, ("batch_size",))
+    add_config_flags(parser, DecodingConfig, EVAL_DECODING, defaults=EvalConfig().decode)
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
     parser.add_argument(
         "--out", help="folder for report.json, the PNG plots and the --corpus index (reused when re-run)"

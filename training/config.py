@@ -11,10 +11,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cluster.config import Config
 from cluster.fusion import RetrievalConfig
+from cluster.index_config import IndexConfig
+from services.rag.config import Mode, ModelsConfig
 from services.rag.precision import Precision
 from training.data import BUILTIN_DATA, split_spec
 
-Mode = Literal["sequence", "token"]
 TaskName = Literal["qa", "qgen", "classify"]  # training/tasks.py defines each
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
 
@@ -36,22 +37,6 @@ class DataConfig(Section):
         if source not in (None, *BUILTIN_DATA) and not Path(source).is_file():
             raise ValueError(f"no such file {source!r}")
         return value
-
-
-class IndexConfig(Section):
-    root: str  # INDEX_ROOT with v000N/ versions and a published pointer
-    corpus: str = "default"  # load_corpus spec, used for the first build and for refreshes
-    corpus_limit: int | None = Field(None, ge=1)
-    shards: int = Field(1, ge=1)
-    shard_cpus: float = Field(1.0, ge=0)  # CPUs each shard actor reserves
-    refresh_encoders: int = Field(0, ge=0)  # 0: re-encode inside the refresher actor at low priority
-    # (no start-up cost); N: a pool of N Ray encoder actors
-
-
-class ModelsConfig(Section):
-    query_encoder: str = "default"
-    doc_encoder: str = "default"
-    generator: str = "default"
 
 
 class OptimizerConfig(Section):

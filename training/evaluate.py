@@ -17,7 +17,8 @@ from cluster.config import Config
 from cluster.fusion import RetrievalConfig
 from cluster.passages import Passage, passage_text
 from services.rag import retrieval
-from services.rag.model import Decoding, RagModel
+from services.rag.config import DecodingConfig
+from services.rag.model import RagModel
 from services.rag.retrieval import DENSE, Retrieved, group_search
 from training.data import QAExample
 from training.scoring import recall_at_k
@@ -31,17 +32,21 @@ logger = logging.getLogger(__name__)
 
 
 class EvalConfig(Config):
-    """What `rayrag eval` measures: the task, the settings, the n_docs of each row, and how to decode."""
+    """What `rayrag eval` measures: the task, the settings, the n_docs of each row, and how they decode."""
 
     model_config = ConfigDict(frozen=True)
-    n_docs: tuple[PositiveInt, ...] = Field((1, 2, 5), min_length=1)  # docs to the generator; a row each
+    n_docs: tuple[PositiveInt, ...] = Field(
+        (1, 2, 5), min_length=1, description="docs to the generator; a row each"
+    )
     settings: tuple[Setting, ...] = Field(SETTINGS, min_length=1)
-    batch_size: int = Field(8, ge=1)
-    num_beams: int = Field(4, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
-    decoding: Decoding = "fast"  # RAG-Sequence decoding
+    batch_size: int = Field(8, ge=1, description="questions per retrieval and per decoding")
+    # how each row decodes (its n_docs and mode set per row); answers here are short: 16 tokens at most
+    decode: DecodingConfig = Field(default_factory=lambda: DecodingConfig(max_new_tokens=16))
     recall_at: tuple[PositiveInt, ...] = (1, 5, 10)  # retriever recall@k reported (with n_docs)
-    task: TaskName = "qa"
+    task: TaskName = Field(
+        "qa",
+        description="qa: EM/F1; qgen: answer -> question, BLEU-1/ROUGE-L; classify: claim -> label, accuracy",
+    )
     labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
 
@@ -104,16 +109,8 @@ def predict(
         if not generates:
             out += choose_labels(rag.generator, chunk, titles, texts, scores, cfg.labels, mode)
             continue
-        out += rag.generate(
-            chunk,
-            titles,
-            texts,
-            scores,
-            mode=mode,
-            decoding=cfg.decoding,
-            num_beams=cfg.num_beams,
-            max_new_tokens=cfg.max_new_tokens,
-        )
+        options = cfg.decode.model_copy(update={"n_docs": n_docs, "mode": mode})
+        out += rag.generate(chunk, titles, texts, scores, options)
     return out
 
 

@@ -37,10 +37,10 @@ import yaml
 from pydantic import Field, model_validator
 
 from cluster.passages import load_corpus, passage_text, squad_articles, squad_dev_path
+from services.rag.config import DecodingConfig, ModelsConfig
 from services.rag.loading import load_rag
-from services.rag.model import Decoding, RagModel
-from services.rag.precision import Precision
-from training.config import ModelsConfig, Section, TrainConfig, config_from_dict
+from services.rag.model import RagModel
+from training.config import Section, TrainConfig, config_from_dict
 from training.data import BUILTIN_QA, QAExample, load_qa, squad_qa_by_article
 from training.presets import preset_path
 
@@ -51,6 +51,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {  # the training keys each ablation run 
     "frozen": {"train_query_encoder": False},
     "hybrid": {"retrieval": {"retriever": "hybrid"}},
 }
+GREEDY = {"num_beams": 1, "max_new_tokens": 16, "decoding": "thorough"}  # the experiment's eval decoding
 STAGES = (
     *("data", "index", "zero_shot", "train_rag", "train_closed_book", "fine_tuned", "closed_book", "swap"),
     "retrievers",
@@ -70,15 +71,16 @@ class ExperimentData(Section):
     seed: int = 0
 
 
-class ExperimentEval(Section):
-    """One decoding for every setting, so the rows differ only in model and retrieval."""
+class ExperimentEval(DecodingConfig):
+    """One decoding for every setting, so the rows differ only in model and retrieval (their mode set
+    per setting); unless the preset says otherwise, greedy and short: `GREEDY`."""
 
-    n_docs: int = Field(5, ge=1)
-    num_beams: int = Field(1, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
-    decoding: Decoding = "thorough"  # RAG-Sequence
-    precision: Precision = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _greedy(cls, raw: Any) -> Any:
+        return GREEDY | raw if isinstance(raw, dict) else raw
 
 
 class ExperimentConfig(Section):
@@ -252,9 +254,7 @@ def evaluate_settings(
                 "n_docs": n_docs,
                 "settings": [setting],
                 "batch_size": cfg.batch_size,
-                "num_beams": cfg.num_beams,
-                "max_new_tokens": cfg.max_new_tokens,
-                "decoding": cfg.decoding,
+                "decode": cfg,
                 "retrieval": retrieval or {},
             }
         )
@@ -370,7 +370,7 @@ class Experiment:
         return write_report(results, self.out)
 
     def _evaluations(self, group: Any, test: list[QAExample], versions: dict) -> dict:
-        cfg, precision, k = self.cfg, self.cfg.eval.precision, self.cfg.eval.n_docs
+        cfg, precision, k = self.cfg, self.cfg.models.precision, self.cfg.eval.n_docs
         results = {
             "zero_shot": self.stage(
                 "zero_shot",
@@ -414,7 +414,7 @@ class Experiment:
         """An ablation's training run and its RAG-Sequence row, retrieving as it trained."""
         cfg = self.cfg
         run = self.stage(f"train_{name}", lambda: train_run(cfg.train_config(self.out, False, ablation=name)))
-        model = load_rag(cfg.models, cfg.eval.precision, run["checkpoint"])
+        model = load_rag(cfg.models, cfg.models.precision, run["checkpoint"])
         retrieval = ABLATIONS[name].get("retrieval")
         rows = {"rag_sequence": (cfg.eval.n_docs,)}
         row = self.stage(name, lambda: evaluate_settings(model, group, test, cfg.eval, rows, retrieval))

@@ -10,9 +10,10 @@ import torch
 from cluster.encoders import TextEncoder
 from cluster.passages import Passage, passage_text
 from services.rag.checkpoint import TrainState, read_state
+from services.rag.config import Mode
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
-from services.rag.model import Mode, RagModel
+from services.rag.model import RagModel
 from training.checkpoint import load_checkpoint
 from training.config import ComputeConfig, ModelsConfig
 

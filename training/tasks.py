@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.rag.config import Mode
 from services.rag.generator import Generator
 from services.rag.marginal import candidate_log_likelihoods
-from services.rag.model import Mode
 from training.config import TASKS, TaskName
 from training.data import QAExample, load_claims, load_qa
 from training.scoring import score_generations, score_labels, score_predictions

@@ -12,7 +12,7 @@ from ray.train.torch import TorchTrainer
 
 from cluster.bootstrap import IndexSpec, ensure_index
 from cluster.index_store import load_manifest
-from cluster.shard_group import ShardGroup, ShardGroupConfig
+from cluster.shard_group import ShardGroup
 from services.rag.checkpoint import STATE, read_state
 from training.config import TrainConfig
 from training.loop import train_loop_per_worker
@@ -29,27 +29,16 @@ class TrainOutcome:
     refresh: dict  # the refresher's status: versions built, steps skipped
 
 
-def index_spec(cfg: TrainConfig) -> IndexSpec:
-    """The run's index: its root, the corpus it indexes (first build and refreshes), the document encoder."""
-    index = cfg.index
-    return IndexSpec(
-        root=index.root,
-        corpus=index.corpus,
-        corpus_limit=index.corpus_limit,
-        encoder=cfg.models.doc_encoder,
-        shards=index.shards,
-    )
-
-
 def prepare_index(cfg: TrainConfig) -> str:
     """The published index version to start from (built from the corpus when there is none).
 
     Checks n_docs against the index size before any worker starts."""
-    version = ensure_index(index_spec(cfg))
-    count = load_manifest(cfg.index.root, version).count
+    version = ensure_index(IndexSpec.of(cfg.index, cfg.models.doc_encoder))
+    count = load_manifest(cfg.index.index_root, version).count
     if cfg.n_docs > count:
         raise ValueError(
-            f"n_docs={cfg.n_docs} is larger than index {version} at {cfg.index.root!r} ({count} passages)"
+            f"n_docs={cfg.n_docs} is larger than index {version} at {cfg.index.index_root!r} "
+            f"({count} passages)"
         )
     return version
 
@@ -62,7 +51,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     if not states:
         return
     state = read_state(states[-1].parent)
-    wanted = {**cfg.models.model_dump(), "doc_encoder_trained": cfg.train_doc_encoder}
+    wanted = {**cfg.models.model_dump(exclude={"precision"}), "doc_encoder_trained": cfg.train_doc_encoder}
     found = {**state.models, "doc_encoder_trained": state.doc_encoder_trained}
     for key, value in wanted.items():
         if found.get(key) != value:
@@ -75,9 +64,8 @@ def check_resumable(cfg: TrainConfig) -> None:
 def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
     """The shard group actor (workers search it) and the refresher actor that swaps it."""
     group = ray.remote(ShardGroup).options(max_concurrency=SHARD_GROUP_CONCURRENCY, num_cpus=0)
-    shard_config = ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus)
-    shard_group = group.remote(shard_config, version)
-    refresh = RefreshConfig(index=index_spec(cfg), num_encoders=cfg.index.refresh_encoders)
+    shard_group = group.remote(cfg.index, version)
+    refresh = RefreshConfig(IndexSpec.of(cfg.index, cfg.models.doc_encoder), cfg.index.refresh_encoders)
     refresher = ray.remote(IndexRefresher).options(max_concurrency=4, num_cpus=0).remote(refresh, shard_group)
     return shard_group, refresher
 

@@ -48,7 +48,12 @@ def experiment_config(toy, tmp_path_factory) -> str:
             "distractors": toy.corpus,
             "distractor_limit": 12,
         },
-        "models": {"query_encoder": toy.encoder, "doc_encoder": toy.encoder, "generator": toy.generator},
+        "models": {
+            "query_encoder": toy.encoder,
+            "doc_encoder": toy.encoder,
+            "generator": toy.generator,
+            "precision": "float32",
+        },
         "train": {
             "n_docs": 2,
             "optimizer": {"lr": 1e-3},
@@ -56,7 +61,7 @@ def experiment_config(toy, tmp_path_factory) -> str:
             "scaling": {"num_workers": 1},
             "compute": {"precision": "float32"},
         },
-        "eval": {"n_docs": 2, "max_new_tokens": 3, "batch_size": 2, "precision": "float32"},
+        "eval": {"n_docs": 2, "max_new_tokens": 3, "batch_size": 2},
         "ablations": ["bm25", "frozen", "hybrid"],
     }
     path = root / "experiment.yaml"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cluster.passages import Passage, passage_text
-from cluster.shard_group import ShardGroup, ShardGroupConfig
+from cluster.shard_group import ShardGroup
+from services.rag.config import DecodingConfig
 from services.rag.retrieval import Retrieved, Search, closed_book_search, group_search
 from training.config import TrainConfig, config_from_dict
 from training.data import load_qa
@@ -44,7 +45,7 @@ def copy_index(copy_toy, ray_session, tmp_path_factory):
         )
     )
     prepare_index(cfg)
-    group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root))
+    group = ShardGroup(cfg.index)
     yield cfg, group
     group.close()
 
@@ -70,7 +71,8 @@ def test_rag_training_reads_answers_that_closed_book_cannot_know(copy_toy, copy_
     cfg, group = copy_index
     heldout = load_qa(copy_toy.heldout)
     questions, answers = [e.input for e in heldout], [list(e.answers) for e in heldout]
-    eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=16, num_beams=2, max_new_tokens=4, decoding="thorough")
+    decode = DecodingConfig(num_beams=2, max_new_tokens=4, decoding="thorough")
+    eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=16, decode=decode)
 
     def em(module: RagTrainModule, found: Retrieved | None, setting: str, n_docs: int) -> float:
         return score_predictions(predict(module.rag, questions, found, setting, n_docs, eval_cfg), answers)[
