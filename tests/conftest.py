@@ -15,9 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PER_TEST_FILES = ("tests/cluster/test_stream_build.py", "tests/training/test_train_ray.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files holding slow tests first, each file's tests kept together and in order: under
-    `pytest -n N --no-loadscope-reorder` (make test) the long start-ups begin first and overlap."""
+    """A test that starts Ray (through `ray_session`) is slow. Files holding slow tests go first, each
+    file's tests kept together and in order: under `pytest -n N --no-loadscope-reorder` (make test)
+    the long start-ups begin first and overlap."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
 
