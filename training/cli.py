@@ -60,7 +60,7 @@ def _eval_models(checkpoint: str | None, named: ModelsConfig) -> tuple[ModelsCon
         return named, None
     state = read_state(checkpoint)
     trained = component_weights(checkpoint, "doc_encoder") if state.doc_encoder_trained else None
-    return ModelsConfig(**state.models, precision=named.precision), trained
+    return ModelsConfig(**{**state.models, "precision": named.precision}), trained
 
 
 def _eval_index(args: argparse.Namespace, doc_encoder: str, out: Path) -> IndexSpec:
