@@ -144,7 +144,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     show_progress()
     init_ray()
     out = Path(args.out)
-    line = Experiment(cfg, out).run()
+    line = Experiment(cfg, out, args.force_stage).run()
     print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
     print(json.dumps(line))
     return 0
@@ -162,6 +162,14 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
     which.add_argument("--config", help="your own experiment YAML (see examples/experiment_cpu.yaml)")
     parser.add_argument(
         "--out", required=True, help="folder for the data, index, runs and report; re-run to resume"
+    )
+    parser.add_argument(
+        "--force-stage",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo this stage although it finished (repeatable); the stages that read it then refuse "
+        "until forced too",
     )
     parser.set_defaults(run=run_experiment)
 

@@ -4,8 +4,9 @@ Every distinct gold answer text of the test questions gets one substitute, drawn
 from the training answers of the same kind that are no test answer. Kinds, decided on the text alone:
 "year" (four digits, 1000-2099), "number" (digits with optional , . % signs), "name" (two to four
 words, each starting with a capital letter, no digits: persons, places, organisations alike), "other".
-The edit rewrites the given passages in one pass, longest gold text first, whole words only, so a
-substitute is never itself rewritten. A question's substituted answer is that of its first gold answer.
+The edit rewrites the given passages (titles and texts) in one pass, longest gold text first, whole
+words only, so a substitute is never itself rewritten. A question's substituted answer is that of its
+first gold answer.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def edit_passages(
     replace = lambda match: chosen[match.group(1)]
     edited, found = [], set()
     for passage in passages:
-        found.update(m.group(1) for m in pattern.finditer(passage["text"]))
-        edited.append({**passage, "text": pattern.sub(replace, passage["text"])})
+        for field in ("title", "text"):
+            found.update(m.group(1) for m in pattern.finditer(passage[field]))
+        edited.append({**passage, **{f: pattern.sub(replace, passage[f]) for f in ("title", "text")}})
     per_question = [
         chosen.get(row[0].strip()) if row and row[0].strip() in found else None for row in answers
     ]

@@ -57,7 +57,7 @@ def test_edit_replaces_every_whole_word_span_in_one_pass():
     assert substituted[2] == "blue" and edited[2]["text"] == "The sky is blue."
     assert substituted[3] is None  # "purple" is in no passage
     # "Tesla" alone (a gold variant, kind other) is edited too, so the old name is nowhere
-    assert all("Tesla" not in p["text"] for p in edited)
+    assert all("Tesla" not in p["text"] and "Tesla" not in p["title"] for p in edited)
     assert edit_passages(passages, answers, TRAIN, seed=0) == (edited, substituted)
     assert passages[2]["text"] == "The sky is green."  # the input is not changed
 
