@@ -43,6 +43,13 @@ def _squad(path: Path, toy) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _fixed_code_version(monkeypatch) -> None:
+    """The stage fingerprints' code version, pinned: editing or committing while the tests run must
+    not make a resumed run refuse its own stages."""
+    monkeypatch.setattr("training.stages.code_version", lambda: "test-version")
+
+
 @pytest.fixture(scope="module")
 def experiment_config(toy, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("experiment")
