@@ -389,7 +389,12 @@ class Experiment:
                 for split, examples in splits.items()
             }
 
-        config = {"eval": self.cfg.eval.model_dump(mode="json"), "rows": rows, "retrieval": retrieval}
+        config = {
+            "models": self.cfg.models.model_dump(mode="json"),
+            "eval": self.cfg.eval.model_dump(mode="json"),
+            "rows": rows,
+            "retrieval": retrieval,
+        }
         return self.stage(stage, config, (*EVAL_INPUTS, *inputs), run)
 
     def _evaluations(self, group: Any, splits: dict[str, list[QAExample]], versions: dict) -> dict:

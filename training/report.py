@@ -168,10 +168,10 @@ def _p(row: dict) -> str:
 
 def _intro(data: dict) -> str:
     return (
-        f"Train: {data['train_questions']} questions of {data['train_articles']} SQuAD dev articles. "
-        f"Validation: {data['validation_questions']} questions of {data['validation_articles']} other "
-        f"articles (every choice is made here). Test: {data['test_questions']} questions of "
-        f"{data['test_articles']} held-out articles. {data['passages']} passages in the index. EM, F1 and "
+        f"Train: {data['train_questions']} questions of {data['train_articles']} SQuAD dev article(s). "
+        f"Validation: {data['validation_questions']} questions of {data['validation_articles']} further "
+        f"article(s), every choice is made on these. Test: {data['test_questions']} questions of "
+        f"{data['test_articles']} held-out article(s). {data['passages']} passages in the index. EM, F1 and "
         "recall in percent, [95% percentile bootstrap interval over questions, 2,000 resamples]. p: exact "
         "McNemar test on EM against RAG-Sequence, fine-tuned, on the same test questions (beside it, this "
         "row's EM minus RAG-Sequence's, with the paired bootstrap interval of that difference)."

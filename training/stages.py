@@ -1,9 +1,9 @@
 """Stage fingerprints: a finished stage is reused only when its config, code version and inputs are unchanged.
 
-A stage file `stages/NAME.json` holds {"fingerprint": {config, code, inputs}, "result": ...}. The code
-version is `git describe --always --dirty` when rayrag runs from a checkout, else the package version.
-A stage's inputs are the digests of the stage files it read, so re-running (forcing) a stage changes
-what its dependents see and they refuse in turn until they are forced too.
+A stage file `stages/NAME.json` holds {"fingerprint": {config, code, inputs}, "run": id, "result": ...}.
+The code version is `git describe --always --dirty` in a checkout, else the package version.
+A stage's inputs are the digests of the stage files it read; each run of a stage gets a new run id, so
+re-running (forcing) a stage changes what its dependents see and they refuse until forced too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import subprocess
+import uuid
 from collections.abc import Collection, Mapping
 from functools import cache
 from pathlib import Path
@@ -119,4 +120,6 @@ class StageStore:
         return stored["result"]
 
     def save(self, name: str, fingerprint: dict, result: dict) -> None:
-        self.path(name).write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1))
+        """Write the stage file; its run id makes every run's digest new, even with an equal result."""
+        record = {"fingerprint": fingerprint, "run": uuid.uuid4().hex, "result": result}
+        self.path(name).write_text(json.dumps(record, indent=1))

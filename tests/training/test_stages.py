@@ -51,7 +51,7 @@ def test_forcing_a_stage_redoes_it_and_its_dependents_refuse_until_forced(tmp_pa
 
     forced = StageStore(tmp_path, force={"train"}, code="abc")
     assert forced.reuse("train", forced.fingerprint({"lr": 1}, ())) is None  # redone although unchanged
-    forced.save("train", forced.fingerprint({"lr": 1}, ()), {"checkpoint": "b"})
+    forced.save("train", forced.fingerprint({"lr": 1}, ()), {"checkpoint": "a"})  # the same result
     with pytest.raises(ValueError, match="stage 'eval' .*input 'train' changed.*--force-stage eval"):
         forced.reuse("eval", forced.fingerprint({"k": 5}, ("train",)))
     both = StageStore(tmp_path, force={"train", "eval"}, code="abc")
