@@ -21,8 +21,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/rayrag serve
 
+# Three pytest workers (pytest-xdist), each with its own Ray: most of the suite waits on start-ups
+# (Ray, Serve, Ray Train, extra Ray nodes), and those waits overlap. tests/conftest.py hands out a
+# file at a time (a test at a time for a few), slow files first, in collection order.
+PYTEST_WORKERS ?= 3
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --no-loadscope-reorder tests
 
 # The development loop: everything but the tests marked slow (real models, Ray Train runs, Serve).
 test-fast: $(STAMP)

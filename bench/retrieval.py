@@ -21,9 +21,11 @@ import numpy as np
 import ray
 from threadpoolctl import threadpool_info
 
+from bench.shard_memory import measured_shards
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
 from cluster.passages import Passage
+from cluster.shard import SearchConfig
 from cluster.shard_group import ShardGroup, ShardGroupConfig
 
 
@@ -127,9 +129,9 @@ def bench_group(
 ) -> dict:
     config = ShardGroupConfig(
         index_root=root,
-        faiss_threads=args.shard_threads,
-        blas_threshold=args.blas_threshold,
-        verify_checksums=False,
+        search=SearchConfig(
+            faiss_threads=args.shard_threads, blas_threshold=args.blas_threshold, verify_checksums=False
+        ),
         call_timeout_s=600,
     )
     group = ShardGroup(config, version=version)
@@ -149,12 +151,13 @@ def replica_memory(root: str, version: str, queries: np.ndarray, args: argparse.
     config = ShardGroupConfig(
         index_root=root,
         replicas=2,
-        faiss_threads=args.shard_threads,
-        blas_threshold=args.blas_threshold,
-        verify_checksums=False,
+        search=SearchConfig(
+            faiss_threads=args.shard_threads, blas_threshold=args.blas_threshold, verify_checksums=False
+        ),
         call_timeout_s=600,
     )
-    group = ShardGroup(config, version=version)
+    with measured_shards():
+        group = ShardGroup(config, version=version)
     try:
         replicas = group.replica_handles()[0]
         ray.get([r.search.remote(queries[:4], args.k) for r in replicas])  # flat search touches every page

@@ -1,6 +1,6 @@
 """Retriever benchmark: dense, BM25 and hybrid on the experiment's SQuAD test questions over its corpus.
 
-Builds the cpu preset's data (examples/experiment_cpu.yaml: held-out articles' questions; the corpus
+Builds the cpu preset's data (training/presets/cpu.yaml: held-out articles' questions; the corpus
 of SQuAD paragraphs plus the default distractor passages), encodes the corpus with the shipped
 encoder (cached), builds one version with S = 2 shards and one with S = 1 (both with BM25), and
 measures on a local Ray:
@@ -121,7 +121,7 @@ def fusion_sweep(
 ) -> dict[str, float]:
     """recall@5 of dense, BM25 and each SWEEP setting on `examples` (k = 5: each part's top-N is
     searched to depth N), from one search of each part's top-50."""
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     depth = max(config.candidates for config in SWEEP)
     found = group_search(group)(encoder.encode(questions), questions, depth, ("dense", "bm25"))
     search = head_search(found)
@@ -182,7 +182,7 @@ def test_figures(
     encoder: TextEncoder, groups: dict[int, ShardGroup], examples: list[QAExample], scale: float, timed: int
 ) -> dict:
     """The test questions' recall@1/5/10 (S = 2), BM25 batch-1 QPS (S = 2 and S = 1) and p50 latencies."""
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     search = group_search(groups[2])
     configs = {name: RetrievalConfig(retriever=name) for name in RETRIEVERS}
     configs["hybrid_linear"] = RetrievalConfig(retriever="hybrid", fusion="linear", candidates=50)

@@ -23,7 +23,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.shard_memory import measured_shards  # noqa: E402
 from cluster.index_store import load_manifest, published_version, version_dir  # noqa: E402
+from cluster.shard import SearchConfig  # noqa: E402
 from cluster.shard_group import ShardGroup, ShardGroupConfig  # noqa: E402
 from cluster.stream_build import BuildReport, StreamBuildConfig, stream_build  # noqa: E402
 from cluster.synthetic import MixtureEncoder, synthetic_passages  # noqa: E402
@@ -100,9 +102,13 @@ def serve(args: argparse.Namespace, root: Path, version: str) -> dict:
     # default, one CPU each, leaves shards past the CPU count unplaced until start_timeout_s).
     shard_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.shards)
     config = ShardGroupConfig(
-        index_root=str(root), verify_checksums=False, call_timeout_s=600, shard_cpus=shard_cpus
+        index_root=str(root),
+        search=SearchConfig(verify_checksums=False),
+        call_timeout_s=600,
+        shard_cpus=shard_cpus,
     )
-    group = ShardGroup(config, version)
+    with measured_shards():  # replicas that report their memory
+        group = ShardGroup(config, version)
     try:
         group.search(queries[:8], 10)  # warm
         single = []

@@ -53,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # (title, question) whose answer is in the title's first passage of the default corpus, all
 # within its first 200 passages.
+DECODING_KEYS = ("mode", "decoding", "num_beams", "max_new_tokens")  # of a request body
 DEFAULT_QUESTIONS = (
     ("2001: A Space Odyssey", "Who directed 2001: A Space Odyssey?"),
     ("Adventures of Huckleberry Finn", "Who wrote Adventures of Huckleberry Finn?"),
@@ -311,17 +312,17 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
     the app's generator and threads in this process: what batching can win in the model alone."""
     import torch
 
-    from services.rag.generator import make_generator
-    from services.rag.loading import load_generator
+    from services.rag.config import DecodingConfig
+    from services.rag.loading import load_generator_for_inference
     from services.rag.model import generate_answers
 
     torch.set_num_threads(int(app_args["generator"].get("torch_threads", 1)))
-    generator = make_generator(*load_generator(app_args["models"]["generator"])).eval()
+    generator = load_generator_for_inference(app_args["models"]["generator"], "float32")
     k = body["n_docs"]
     questions = [f"What is known about {p.title}?" for p in passages[:batch]]
     titles = [[p.title for p in passages[i : i + k]] for i in range(batch)]
     texts = [[p.text for p in passages[i : i + k]] for i in range(batch)]
-    options = {key: body[key] for key in ("mode", "decoding", "num_beams", "max_new_tokens")}
+    options = DecodingConfig.parse({key: body[key] for key in DECODING_KEYS})
 
     def seconds(rows: slice) -> float:
         start = time.perf_counter()
@@ -331,7 +332,7 @@ def generator_batching_ceiling(app_args: dict, passages: list, body: dict, batch
             titles[rows],
             texts[rows],
             np.zeros((len(questions[rows]), k), np.float32),
-            **options,
+            options,
         )
         return time.perf_counter() - start
 
@@ -369,13 +370,13 @@ def exact_answers(generator_name: str, questions: list[str], served: list[dict],
     no latency lever (every passage decoded)."""
     import torch
 
-    from services.rag.generator import make_generator
-    from services.rag.loading import load_generator
+    from services.rag.config import DecodingConfig
+    from services.rag.loading import load_generator_for_inference
     from services.rag.model import generate_answers
 
     torch.set_num_threads(os.cpu_count() or 1)
-    generator = make_generator(*load_generator(generator_name)).eval()
-    options = {key: body[key] for key in ("mode", "decoding", "num_beams", "max_new_tokens")}
+    generator = load_generator_for_inference(generator_name, "float32")
+    options = DecodingConfig.parse({key: body[key] for key in DECODING_KEYS})
     return [
         generate_answers(
             generator,
@@ -383,7 +384,7 @@ def exact_answers(generator_name: str, questions: list[str], served: list[dict],
             [[d["title"] for d in s["docs"]]],
             [[d["text"] for d in s["docs"]]],
             np.array([[d["score"] for d in s["docs"]]], np.float32),
-            **options,
+            options,
             drop_mass=0.0,
         )[0]
         for question, s in zip(questions, served, strict=True)

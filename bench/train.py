@@ -94,7 +94,7 @@ def step_times(history: Path, warmup: int) -> list[tuple[int, float, str]]:
 
 def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     """The same train_step in this process: no Ray Train, the shard group called directly."""
-    from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from cluster.shard_group import ShardGroup
     from services.rag.retrieval import group_search
     from training.data import load_qa
     from training.loop import global_batch, make_optimizer, train_step
@@ -103,7 +103,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     module = build_train_module(cfg.models, cfg.mode, cfg.train_doc_encoder).train()
     optimizer = make_optimizer(module, cfg.optimizer)
     examples = load_qa(cfg.data.train)
-    group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus))
+    group = ShardGroup(cfg.index)
     search = group_search(group)
     times, last = [], time.monotonic()
     try:

@@ -37,7 +37,7 @@ def run_build(args: argparse.Namespace) -> int:
     pin = f" --index-version {report.version}" if args.no_publish else ""
     print(
         f"serve it with: rayrag serve --index-root {args.index_root}{pin} "
-        f"(replicas per shard: index.shard_replicas in deploy.yaml)"
+        f"(replicas per shard: index.replicas in deploy.yaml)"
     )
     return 0
 

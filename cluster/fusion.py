@@ -27,7 +27,7 @@ class RetrievalConfig(Config):
     """
 
     model_config = ConfigDict(frozen=True)
-    retriever: Retriever = "dense"
+    retriever: Retriever = Field("dense", description="dense | bm25 | hybrid")
     # hybrid: "rrf" (reciprocal rank fusion) or "linear" (weighted min-max); RRF over each retriever's
     # top-5 had the best recall@5 of the settings swept on training-article questions (docs/retrievers.md)
     fusion: Fusion = "rrf"

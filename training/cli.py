@@ -1,4 +1,4 @@
-"""`rayrag train`, `eval`, `experiment` and `export`: the training package's subcommands."""
+"""The training package's `rayrag` subcommands: train, eval, export and experiment."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
-from cluster.fusion import Retriever
+from cluster.flags import add_config_flags, flag_values
+from cluster.fusion import RetrievalConfig
 from cluster.runtime import init_ray
+from services.rag.config import DecodingConfig, ModelsConfig
+from training import presets
 
 if TYPE_CHECKING:
-    from training.modules import RagTrainModule
+    from cluster.bootstrap import IndexSpec
+
+EVAL_DECODING = ("num_beams", "max_new_tokens", "decoding")  # each row's n_docs and mode are its own
 
 
 def show_progress() -> None:
@@ -46,72 +51,61 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_index(args: argparse.Namespace, module: RagTrainModule, doc_encoder: str, out: Path) -> str:
-    """The index root to search: --index-root, or a fresh one built from --corpus under out/ with
-    the document encoder (the checkpoint's trained weights when it has them)."""
-    if args.index_root:
-        return args.index_root
-    from cluster.index_build import build_index
-    from cluster.passages import load_corpus
+def _eval_models(checkpoint: str | None, named: ModelsConfig) -> tuple[ModelsConfig, dict | None]:
+    """The models to evaluate (the checkpoint's, at the named precision, else the named ones) and the
+    trained document encoder's weights when the checkpoint has them."""
+    from services.rag.checkpoint import component_weights, read_state
 
-    state = None
-    if module.doc_encoder is not None:
-        state = {k: v.detach().cpu() for k, v in module.doc_encoder.state_dict().items()}
-    root = out / "index"
-    build_index(
-        load_corpus(args.corpus, args.corpus_limit),
-        root,
-        encoder=doc_encoder,
-        encoder_state=state,
-        publish=True,
-        show_progress=False,
+    if not checkpoint:
+        return named, None
+    state = read_state(checkpoint)
+    trained = component_weights(checkpoint, "doc_encoder") if state.doc_encoder_trained else None
+    return ModelsConfig(**{**state.models, "precision": named.precision}), trained
+
+
+def _eval_index(args: argparse.Namespace, doc_encoder: str, out: Path) -> IndexSpec:
+    """The index to search: --index-root as it is, or out/index built from --corpus (once; a re-run
+    with the same --out searches it again) with the document encoder (trained weights when given)."""
+    from cluster.bootstrap import IndexSpec
+
+    if args.index_root:
+        return IndexSpec(root=args.index_root, corpus=None)
+    return IndexSpec(
+        root=str(out / "index"), corpus=args.corpus, corpus_limit=args.corpus_limit, encoder=doc_encoder
     )
-    return str(root)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from cluster.index_store import load_manifest, resolve_version
+    from cluster.bootstrap import ensure_index
+    from cluster.index_store import load_manifest
     from cluster.shard_group import ShardGroup, ShardGroupConfig
-    from services.rag.precision import resolve_dtype
-    from training.config import ModelsConfig
-    from training.evaluate import SETTINGS, EvalConfig, evaluate, summary_line, with_labels, write_plots
-    from training.modules import build_train_module, load_trained
+    from services.rag.loading import load_rag
+    from training.evaluate import EvalConfig, evaluate, summary_line, with_labels, write_plots
     from training.tasks import get_task
 
     cfg = EvalConfig.parse(
-        {
+        flag_values(args, ("settings", "batch_size", "task"))
+        | {
             "n_docs": sorted(set(args.n_docs)),
-            "settings": args.settings or SETTINGS,
-            "batch_size": args.batch_size,
-            "num_beams": args.num_beams,
-            "max_new_tokens": args.max_new_tokens,
-            "decoding": args.decoding,
-            "task": args.task,
+            "decode": flag_values(args, EVAL_DECODING),
             "retrieval": {"retriever": args.retriever},
         }
     )
+    models = ModelsConfig.parse(flag_values(args, ModelsConfig.model_fields))
     show_progress()
     data = get_task(cfg.task).load(args.data)
     cfg = with_labels(cfg, data)  # classify: the label words of the whole file, before --limit
     examples = data[: args.limit]
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint:
-        module, state = load_trained(args.checkpoint)
-        doc_encoder = state.models["doc_encoder"]
-    else:
-        models = ModelsConfig(
-            query_encoder=args.query_encoder, doc_encoder=args.doc_encoder, generator=args.generator
-        )
-        module, doc_encoder = build_train_module(models, "sequence", False).eval(), args.doc_encoder
-    module.rag.generator.model.to(resolve_dtype(args.precision))
+    models, encoder_state = _eval_models(args.checkpoint, models)
+    rag = load_rag(models, models.precision, args.checkpoint)
     init_ray()
-    root = _eval_index(args, module, doc_encoder, out)
-    group = ShardGroup(ShardGroupConfig(index_root=root))
+    spec = _eval_index(args, models.doc_encoder, out)
+    version = ensure_index(spec, encoder_state)
+    group = ShardGroup(ShardGroupConfig(index_root=spec.root), version)
     try:
-        report = evaluate(
-            module.rag, group, examples, cfg, load_manifest(root, resolve_version(root, None)).count
-        )
+        report = evaluate(rag, group, examples, cfg, load_manifest(spec.root, version).count)
     finally:
         group.close()
     report["plots"] = write_plots(report, out, args.history)
@@ -123,7 +117,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Write the folders; print them, and how to serve them, as one JSON object."""
-    from training.checkpoint import read_state
+    from services.rag.checkpoint import read_state
     from training.modules import export_models
 
     folders = export_models(args.checkpoint, args.out)
@@ -142,10 +136,10 @@ def run_experiment(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args.preset, args.config)  # config errors surface before Ray starts
     show_progress()
-    init_ray()
     out = Path(args.out)
-    line = Experiment(cfg, out, args.force_stage).run()
-    print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
+    line = Experiment(cfg, out, args.until, args.force_stage).run()
+    if args.until is None:
+        print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
     print(json.dumps(line))
     return 0
 
@@ -156,12 +150,17 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
         help="the paper's experiment on SQuAD dev: fine-tune, evaluate held-out articles, hot-swap the index",
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--preset", choices=("cpu", "cpu_retrievers", "gpu"), help="examples/experiment_<preset>.yaml"
-    )
-    which.add_argument("--config", help="your own experiment YAML (see examples/experiment_cpu.yaml)")
+    which.add_argument("--preset", choices=presets.NAMES, help=f"a config shipped in {presets.FOLDER}")
+    which.add_argument("--config", help="your own experiment YAML (start from a preset's)")
     parser.add_argument(
         "--out", required=True, help="folder for the data, index, runs and report; re-run to resume"
+    )
+    parser.add_argument(
+        "--until",
+        metavar="STAGE",
+        default=None,
+        help="stop after this stage and print its result instead of the report (e.g. data: the question "
+        "and corpus files only, no Ray; an unknown name lists the stages in order)",
     )
     parser.add_argument(
         "--force-stage",
@@ -175,17 +174,12 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(subcommands: argparse._SubParsersAction) -> None:
-    from training.config import TASKS
+    from training.evaluate import EvalConfig
 
     parser = subcommands.add_parser(
         "eval", help="a task's metrics (QA: EM / F1 / recall@k) for closed-book, RAG-Token, RAG-Sequence"
     )
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        default="qa",
-        help="qa: EM/F1; qgen: answer -> question, BLEU-1/ROUGE-L; classify: claim -> label, accuracy",
-    )
+    add_config_flags(parser, EvalConfig, ("task",))
     parser.add_argument(
         "--data",
         "--qa",
@@ -199,37 +193,17 @@ def _add_eval(subcommands: argparse._SubParsersAction) -> None:
     where.add_argument("--corpus", help="corpus spec to index first: default | squad-open | PATH")
     parser.add_argument("--corpus-limit", type=int, default=None)
     parser.add_argument("--checkpoint", help="a training checkpoint folder (else the models named below)")
-    parser.add_argument("--query-encoder", default="default")
-    parser.add_argument("--doc-encoder", default="default")
-    parser.add_argument("--generator", default="default")
-    parser.add_argument("--n-docs", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument(
-        "--retriever", choices=get_args(Retriever), default="dense", help="dense | bm25 | hybrid"
-    )
-    parser.add_argument(
-        "--settings",
-        nargs="+",
-        default=None,
-        help="some of closed_book rag_token rag_sequence (default: all three)",
-    )
+    add_config_flags(parser, ModelsConfig, ModelsConfig.model_fields)
+    add_config_flags(parser, EvalConfig, ("n_docs",))
+    add_config_flags(parser, RetrievalConfig, ("retriever",))
+    add_config_flags(parser, EvalConfig, ("settings",))
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument(
-        "--decoding",
-        choices=("thorough", "fast"),
-        default="fast",
-        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
-    )
+    add_config_flags(parser, EvalConfig, ("batch_size",))
+    add_config_flags(parser, DecodingConfig, EVAL_DECODING, defaults=EvalConfig().decode)
     parser.add_argument("--history", help="a run's history.jsonl, for the loss-curve plot")
-    parser.add_argument("--out", help="folder for report.json and the PNG plots")
+    parser.add_argument(
+        "--out", help="folder for report.json, the PNG plots and the --corpus index (reused when re-run)"
+    )
     parser.set_defaults(run=run_eval)
 
 

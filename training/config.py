@@ -11,10 +11,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cluster.config import Config
 from cluster.fusion import RetrievalConfig
+from cluster.index_config import IndexConfig
+from services.rag.config import Mode, ModelsConfig
 from services.rag.precision import Precision
-from training.data import BUILTIN_QA, split_spec
+from training.data import BUILTIN_DATA, split_spec
 
-Mode = Literal["sequence", "token"]
 TaskName = Literal["qa", "qgen", "classify"]  # training/tasks.py defines each
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
 
@@ -26,32 +27,16 @@ class Section(Config):
 
 
 class DataConfig(Section):
-    train: str  # the task's data: JSONL, SQuAD json or "squad-dev" (either with ":train" / ":test")
+    train: str  # the task's data: JSONL, SQuAD json, "squad-dev" (either with ":train" / ":test") or "claims"
     eval: str | None = None
 
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
         source = None if value is None else split_spec(value)[0]
-        if source not in (None, BUILTIN_QA) and not Path(source).is_file():
+        if source not in (None, *BUILTIN_DATA) and not Path(source).is_file():
             raise ValueError(f"no such file {source!r}")
         return value
-
-
-class IndexConfig(Section):
-    root: str  # INDEX_ROOT with v000N/ versions and a published pointer
-    corpus: str = "default"  # load_corpus spec, used for the first build and for refreshes
-    corpus_limit: int | None = Field(None, ge=1)
-    shards: int = Field(1, ge=1)
-    shard_cpus: float = Field(1.0, ge=0)  # CPUs each shard actor reserves
-    refresh_encoders: int = Field(0, ge=0)  # 0: re-encode inside the refresher actor at low priority
-    # (no start-up cost); N: a pool of N Ray encoder actors
-
-
-class ModelsConfig(Section):
-    query_encoder: str = "default"
-    doc_encoder: str = "default"
-    generator: str = "default"
 
 
 class OptimizerConfig(Section):
@@ -141,6 +126,13 @@ class TrainConfig(Section):
             raise ValueError("config key 'train_doc_encoder' needs a dense or hybrid retrieval.retriever")
         return self
 
+    def training_record(self, *leave_out: str) -> dict:
+        """The config as JSON less `models.precision` (the weights when the model answers; training
+        never reads it) and the top-level keys `leave_out` names: what a run's checkpoints depend on."""
+        return self.model_dump(
+            mode="json", exclude={"models": {"precision"}, **dict.fromkeys(leave_out, True)}
+        )
+
     @property
     def trains_query_encoder(self) -> bool:
         """False for a frozen retriever: train_query_encoder off, or BM25 (its scores carry no gradient)."""
@@ -203,6 +195,6 @@ def load_config(path: str | Path) -> TrainConfig:
 def _resolve(spec: str, folder: Path) -> str:
     """A data spec with its file resolved from `folder` (the split suffix kept)."""
     source, split = split_spec(spec)
-    if source == BUILTIN_QA:
+    if source in BUILTIN_DATA:
         return spec
     return str((folder / source).resolve()) + (f":{split}" if split else "")

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from training.metrics import exact_match, normalize_answer
+from training.scoring import exact_match, normalize_answer
 
 Kind = Literal["year", "number", "name", "other"]
 _YEAR = re.compile(r"^(1\d{3}|20\d{2})$")

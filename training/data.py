@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from cluster.passages import jsonl_rows, squad_articles, squad_dev_path
+from cluster.passages import is_json_file, jsonl_rows, squad_articles, squad_dev_path
 
 BUILTIN_QA = "squad-dev"  # SQuAD v1.1 dev
+BUILTIN_CLAIMS = "claims"  # the claims shipped in this package (shipped/README.md)
+BUILTIN_DATA = (BUILTIN_QA, BUILTIN_CLAIMS)  # data specs that name shipped data, not a file
+SHIPPED_CLAIMS = Path(__file__).resolve().parent / "shipped" / "claims.jsonl"
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = get_args(Split)
 TEST_EVERY = 5  # about one SQuAD article in five is in the test split
@@ -21,14 +24,14 @@ class QAExample:
     """An input with every accepted target (at least one): a question and its answers for QA, an answer
     and its question for question generation, a claim and its label for classification."""
 
-    question: str
-    answers: tuple[str, ...]
+    input: str  # what the model reads beside the passages
+    answers: tuple[str, ...]  # the targets it may generate
 
     def __post_init__(self) -> None:
-        if not self.question.strip():
-            raise ValueError(f"empty question: {self.question!r}")
+        if not self.input.strip():
+            raise ValueError(f"empty input: {self.input!r}")
         if not self.answers or not all(a.strip() for a in self.answers):
-            raise ValueError(f"question {self.question!r} has no answers: {self.answers!r}")
+            raise ValueError(f"input {self.input!r} has no answers: {self.answers!r}")
 
 
 def split_spec(spec: str) -> tuple[str, Split | None]:
@@ -61,7 +64,7 @@ def squad_qa_by_article(path: Path, split: Split | None = None) -> Iterator[tupl
                 answers = _unique(a.get("text", "") for a in qa.get("answers", []))
                 if not answers:
                     raise ValueError(f"{str(path)!r}: question {qa.get('id')!r} has no answers")
-                examples.append(QAExample(question=qa["question"], answers=answers))
+                examples.append(QAExample(input=qa["question"], answers=answers))
         yield title, examples
 
 
@@ -74,7 +77,7 @@ def _jsonl_qa(path: Path) -> Iterator[QAExample]:
             raise ValueError(f"{str(path)!r} line {number} has no question: {question!r}")
         if not isinstance(answers, list) or not _unique(str(a) for a in answers):
             raise ValueError(f"{str(path)!r} line {number} has no answers: {answers!r}")
-        yield QAExample(question=question, answers=_unique(str(a) for a in answers))
+        yield QAExample(input=question, answers=_unique(str(a) for a in answers))
 
 
 def _qa_source(path: str) -> tuple[Path, Split | None]:
@@ -82,9 +85,9 @@ def _qa_source(path: str) -> tuple[Path, Split | None]:
     SQuAD-format data)."""
     source, split = split_spec(path)
     file = squad_dev_path() if source == BUILTIN_QA else Path(source)
-    if not file.is_file() or file.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"unknown QA data {path!r}: expected 'squad-dev', a .json or .jsonl file")
-    if split is not None and file.suffix != ".json":
+    if not file.is_file() or not (is_json_file(file) or file.suffix == ".jsonl"):
+        raise ValueError(f"unknown QA data {path!r}: expected 'squad-dev', a .json[.gz] or .jsonl file")
+    if split is not None and not is_json_file(file):
         raise ValueError(f"QA data {path!r}: an article split (':{split}') needs SQuAD-format .json data")
     return file, split
 
@@ -93,7 +96,7 @@ def load_qa(path: str) -> list[QAExample]:
     """Question/answer pairs from SQuAD-format .json, JSONL {"question","answers"}, or "squad-dev";
     SQuAD-format data may name an article split: "squad-dev:train", "squad-dev:test" (`article_split`)."""
     file, split = _qa_source(path)
-    if file.suffix == ".json":
+    if is_json_file(file):
         examples = [e for _, article in squad_qa_by_article(file, split) for e in article]
     else:
         examples = list(_jsonl_qa(file))
@@ -103,11 +106,13 @@ def load_qa(path: str) -> list[QAExample]:
 
 
 def load_claims(path: str) -> list[QAExample]:
-    """Labelled claims from JSONL {"claim": "...", "label": "..."}: the claim is the input, the label
-    word the target."""
-    file = Path(path)
+    """Labelled claims from JSONL {"claim": "...", "label": "..."}, or "claims" (the shipped ones): the
+    claim is the input, the label word the target."""
+    file = SHIPPED_CLAIMS if path == BUILTIN_CLAIMS else Path(path)
     if not file.is_file() or file.suffix != ".jsonl":
-        raise ValueError(f"unknown claims data {path!r}: expected a .jsonl file of {{claim, label}}")
+        raise ValueError(
+            f"unknown claims data {path!r}: expected {BUILTIN_CLAIMS!r} or a .jsonl file of {{claim, label}}"
+        )
     examples = []
     for number, row in jsonl_rows(file):
         claim, label = row.get("claim"), row.get("label")
@@ -115,7 +120,7 @@ def load_claims(path: str) -> list[QAExample]:
             raise ValueError(f"{path!r} line {number} has no claim: {claim!r}")
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"{path!r} line {number} has no label: {label!r}")
-        examples.append(QAExample(question=claim, answers=(label.strip(),)))
+        examples.append(QAExample(input=claim, answers=(label.strip(),)))
     if not examples:
         raise ValueError(f"claims data {path!r} is empty")
     return examples

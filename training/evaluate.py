@@ -17,11 +17,12 @@ from cluster.config import Config
 from cluster.fusion import RetrievalConfig
 from cluster.passages import Passage, passage_text
 from services.rag import retrieval
+from services.rag.config import DecodingConfig
 from services.rag.marginal import doc_log_probs
-from services.rag.model import Decoding, RagModel
+from services.rag.model import RagModel
 from services.rag.retrieval import DENSE, Retrieved, group_search
 from training.data import QAExample
-from training.metrics import answer_in_passages
+from training.scoring import answer_in_passages
 from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
 
 Setting = Literal["closed_book", "rag_token", "rag_sequence"]
@@ -32,17 +33,21 @@ logger = logging.getLogger(__name__)
 
 
 class EvalConfig(Config):
-    """What `rayrag eval` measures: the task, the settings, the n_docs of each row, and how to decode."""
+    """What `rayrag eval` measures: the task, the settings, the n_docs of each row, and how they decode."""
 
     model_config = ConfigDict(frozen=True)
-    n_docs: tuple[PositiveInt, ...] = Field((1, 2, 5), min_length=1)  # docs to the generator; a row each
+    n_docs: tuple[PositiveInt, ...] = Field(
+        (1, 2, 5), min_length=1, description="docs to the generator; a row each"
+    )
     settings: tuple[Setting, ...] = Field(SETTINGS, min_length=1)
-    batch_size: int = Field(8, ge=1)
-    num_beams: int = Field(4, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
-    decoding: Decoding = "fast"  # RAG-Sequence decoding
+    batch_size: int = Field(8, ge=1, description="questions per retrieval and per decoding")
+    # how each row decodes (its n_docs and mode set per row); answers here are short: 16 tokens at most
+    decode: DecodingConfig = Field(default_factory=lambda: DecodingConfig(max_new_tokens=16))
     recall_at: tuple[PositiveInt, ...] = (1, 5, 10)  # retriever recall@k reported (with n_docs)
-    task: TaskName = "qa"
+    task: TaskName = Field(
+        "qa",
+        description="qa: EM/F1; qgen: answer -> question, BLEU-1/ROUGE-L; classify: claim -> label, accuracy",
+    )
     labels: tuple[str, ...] = ()  # classify: the candidate label words (empty: those of the data)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
 
@@ -105,16 +110,8 @@ def predict(
         if not generates:
             out += choose_labels(rag.generator, chunk, titles, texts, scores, cfg.labels, mode)
             continue
-        out += rag.generate(
-            chunk,
-            titles,
-            texts,
-            scores,
-            mode=mode,
-            decoding=cfg.decoding,
-            num_beams=cfg.num_beams,
-            max_new_tokens=cfg.max_new_tokens,
-        )
+        options = cfg.decode.model_copy(update={"n_docs": n_docs, "mode": mode})
+        out += rag.generate(chunk, titles, texts, scores, options)
     return out
 
 
@@ -141,7 +138,7 @@ def _rows(
 ) -> dict[str, dict]:
     """The task's metrics for each n_docs of a setting, with the first few predictions (every one when
     `keep_predictions`)."""
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     targets = [list(e.answers) for e in examples]
     source, gold = task.fields
     rows = {}
@@ -179,7 +176,7 @@ def evaluate(
     settings. `keep_predictions` adds every prediction to each row and, under "passages", each
     question's retrieved passages (up to the widest n_docs) with p(z|x)."""
     task, cfg = get_task(cfg.task), with_labels(cfg, examples)
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     widest = max(*cfg.n_docs, *cfg.recall_at, RECALL_K)
     if max(cfg.n_docs) > index_size:
         raise ValueError(f"n_docs={max(cfg.n_docs)} is larger than the index ({index_size} passages)")

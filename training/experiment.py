@@ -40,20 +40,18 @@ import yaml
 from pydantic import Field, model_validator
 
 from cluster.passages import load_corpus, passage_text
-from services.rag.model import Decoding, RagModel
-from services.rag.precision import Precision
-from training.config import ModelsConfig, Section, TrainConfig, config_from_dict
+from services.rag.config import DecodingConfig, ModelsConfig
+from services.rag.loading import load_rag
+from services.rag.model import RagModel
+from training.config import Section, TrainConfig, config_from_dict
 from training.counterfactual import follow_keep_rates
 from training.data import BUILTIN_QA, QAExample, load_qa
 from training.experiment_data import ExperimentData, write_data
 from training.predictions import read_predictions, write_predictions
+from training.presets import preset_path
 from training.stages import StageStore
 
 logger = logging.getLogger(__name__)
-PRESETS = {
-    name: Path(__file__).resolve().parents[1] / "examples" / f"experiment_{name}.yaml"
-    for name in ("cpu", "cpu_retrievers", "gpu")  # as `rayrag experiment --preset` offers them
-}
 Ablation = Literal["bm25", "frozen", "hybrid"]
 ABLATIONS: dict[str, dict[str, Any]] = {  # the training keys each ablation run sets
     "bm25": {"retrieval": {"retriever": "bm25"}},
@@ -61,6 +59,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {  # the training keys each ablation run 
     "hybrid": {"retrieval": {"retriever": "hybrid"}},
 }
 RUNS = {"train_rag": "sequence", "train_rag_token": "token", "train_closed_book": "closed_book"}
+GREEDY = {"num_beams": 1, "max_new_tokens": 16, "decoding": "thorough"}  # the experiment's eval decoding
 STAGES = (
     *("data", "index", "zero_shot", *RUNS, "fine_tuned", "fine_tuned_token", "closed_book"),
     *("swap", "counterfactual", "retrievers"),
@@ -70,19 +69,20 @@ EVAL_INPUTS = ("data", "index")  # what every evaluation stage reads besides its
 MATCHING_CHECK = 16  # questions re-evaluated after swapping back, compared with the fine-tuned predictions
 
 
-class ExperimentEval(Section):
-    """One decoding for every setting, so the rows differ only in model and retrieval."""
+class ExperimentEval(DecodingConfig):
+    """One decoding for every setting, so the rows differ only in model and retrieval (their mode set
+    per setting); unless the preset says otherwise, greedy and short: `GREEDY`."""
 
-    n_docs: int = Field(5, ge=1)
-    num_beams: int = Field(1, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
-    decoding: Decoding = "thorough"  # RAG-Sequence
-    precision: Precision = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _greedy(cls, raw: Any) -> Any:
+        return GREEDY | raw if isinstance(raw, dict) else raw
 
 
 class ExperimentConfig(Section):
-    """A preset (examples/experiment_*.yaml): data, models, the training keys both runs share, eval."""
+    """A preset (training/presets/*.yaml): data, models, the training keys both runs share, eval."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: ExperimentData
@@ -90,6 +90,12 @@ class ExperimentConfig(Section):
     train: dict[str, Any]  # `rayrag train` keys: n_docs, mode, optimizer, schedule, scaling, compute...
     eval: ExperimentEval = Field(default_factory=ExperimentEval)
     ablations: tuple[Ablation, ...] = ()  # Table 6's rows: bm25, frozen, hybrid (a training run each)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this config runs, in order: STAGES less those of the ablations it does not ask for."""
+        skipped = {s for name in ABLATIONS if name not in self.ablations for s in (f"train_{name}", name)}
+        return tuple(stage for stage in STAGES if stage not in skipped)
 
     @model_validator(mode="after")
     def _check_train(self) -> ExperimentConfig:
@@ -129,18 +135,10 @@ class ExperimentConfig(Section):
         except ValueError as error:
             raise ValueError(f"config key 'train': {error}") from error
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        """The stages this config runs, in order: STAGES less those of the ablations it does not ask for."""
-        skipped = {s for name in ABLATIONS if name not in self.ablations for s in (f"train_{name}", name)}
-        return tuple(stage for stage in STAGES if stage not in skipped)
-
 
 def load_experiment(preset: str | None, path: str | None) -> ExperimentConfig:
-    """A preset's config (cpu | gpu) or your own YAML file's."""
-    file = Path(path) if path else PRESETS.get(preset or "")
-    if file is None:
-        raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+    """A preset's config (training/presets: cpu, cpu_retrievers, gpu) or your own YAML file's."""
+    file = Path(path) if path else preset_path(preset or "")
     if not file.is_file():
         raise ValueError(f"no such experiment config {str(file)!r}")
     return ExperimentConfig.parse(yaml.safe_load(file.read_text()))
@@ -198,9 +196,7 @@ def evaluate_settings(
                 "n_docs": n_docs,
                 "settings": [setting],
                 "batch_size": cfg.batch_size,
-                "num_beams": cfg.num_beams,
-                "max_new_tokens": cfg.max_new_tokens,
-                "decoding": cfg.decoding,
+                "decode": cfg,
                 "retrieval": retrieval or {},
             }
         )
@@ -211,25 +207,6 @@ def evaluate_settings(
             "predictions": report.get("predictions", {}) | written,
         }
     return report
-
-
-def _inference_model(module: Any, precision: Precision) -> RagModel:
-    from services.rag.precision import resolve_dtype
-
-    module.rag.generator.model.to(resolve_dtype(precision))
-    return module.rag.eval()
-
-
-def shipped_model(models: ModelsConfig, precision: Precision) -> RagModel:
-    from training.modules import build_train_module
-
-    return _inference_model(build_train_module(models, "sequence", False), precision)
-
-
-def trained_model(checkpoint: str, precision: Precision) -> RagModel:
-    from training.modules import load_trained
-
-    return _inference_model(load_trained(checkpoint)[0], precision)
 
 
 def train_run(cfg: TrainConfig) -> dict:
@@ -285,7 +262,7 @@ def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: 
     from cluster.fusion import RetrievalConfig
     from training.evaluate import recall_hits, retrieve
 
-    questions, k = [e.question for e in examples], min(10, group.manifest.count)
+    questions, k = [e.input for e in examples], min(10, group.manifest.count)
     recall, hits = {}, {}
     for name in ("dense", "bm25", "hybrid"):
         found = retrieve(rag, group, questions, k, cfg.batch_size, RetrievalConfig(retriever=name))
@@ -294,14 +271,27 @@ def retriever_recall(rag: RagModel, group: Any, examples: list[QAExample], cfg: 
     return {"recall": recall, "hits": hits}
 
 
-class Experiment:
-    """Runs the stages in order; a finished stage with the same fingerprint is read back, not re-run."""
+class _Stopped(Exception):
+    """Raised when the `until` stage is done, with its result; `Experiment.run` catches it."""
 
-    def __init__(self, cfg: ExperimentConfig, out: str | Path, force: Collection[str] = ()) -> None:
+    def __init__(self, result: dict) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+class Experiment:
+    """Runs the stages in order (up to `until` when given); a finished stage with the same fingerprint
+    is read back, not re-run; `force` names stages to redo."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, out: str | Path, until: str | None = None, force: Collection[str] = ()
+    ) -> None:
+        if until is not None and until not in cfg.stages:
+            raise ValueError(f"unknown stage {until!r} to stop after: expected one of {list(cfg.stages)}")
         unknown = sorted(set(force) - set(cfg.stages))
         if unknown:
             raise ValueError(f"--force-stage {unknown}: no such stage; expected some of {list(cfg.stages)}")
-        self.cfg, self.out = cfg, Path(out).resolve()
+        self.cfg, self.out, self.until = cfg, Path(out).resolve(), until
         self.store = StageStore(self.out / "stages", force)
         self.predictions = self.out / "predictions"
         (self.out / "experiment.yaml").write_text(
@@ -314,16 +304,27 @@ class Experiment:
         result = self.store.reuse(name, fingerprint)
         if result is not None:
             logger.info(f"[experiment] {name}: done before with the same fingerprint, read back")
-            return result
-        logger.info(f"[experiment] stage {self.cfg.stages.index(name) + 1}/{len(self.cfg.stages)}: {name}")
-        began = time.monotonic()
-        result = run() | {"seconds": round(time.monotonic() - began, 1)}
-        self.store.save(name, fingerprint, result)
-        logger.info(f"[experiment] {name} finished in {result['seconds'] / 60:.1f} min")
+        else:
+            stages = self.cfg.stages
+            logger.info(f"[experiment] stage {stages.index(name) + 1}/{len(stages)}: {name}")
+            began = time.monotonic()
+            result = run() | {"seconds": round(time.monotonic() - began, 1)}
+            self.store.save(name, fingerprint, result)
+            logger.info(f"[experiment] {name} finished in {result['seconds'] / 60:.1f} min")
+        if name == self.until:
+            raise _Stopped(result)
         return result
 
     def run(self) -> dict:
-        """Every stage, then the report (report.json, results.md, plots); returns the summary."""
+        """Every stage, then the report (report.json, results.md, plots); returns the summary. With
+        `until`: the stages up to it, then {"name", "stopped_after", that stage's result}."""
+        try:
+            return self._run_stages()
+        except _Stopped as stopped:
+            return {"name": self.cfg.name, "stopped_after": self.until, self.until: stopped.result}
+
+    def _run_stages(self) -> dict:
+        from cluster.runtime import init_ray
         from cluster.shard_group import ShardGroup, ShardGroupConfig
         from training.report import write_report
 
@@ -333,6 +334,7 @@ class Experiment:
                 "data", cfg.data.model_dump(mode="json"), (), lambda: write_data(cfg.data, data_dir)
             )
         }
+        init_ray()  # $RAY_ADDRESS, else a local Ray; the data stage needs none
         index_root = self.out / "index"
         results["index"] = self.stage(
             "index",
@@ -360,7 +362,7 @@ class Experiment:
                 shutil.rmtree(run_dir)
             return train_run(train_cfg)
 
-        return self.stage(stage, train_cfg.model_dump(mode="json"), EVAL_INPUTS, fresh_run)
+        return self.stage(stage, train_cfg.training_record(), EVAL_INPUTS, fresh_run)
 
     def _rows(
         self,
@@ -398,12 +400,12 @@ class Experiment:
         return self.stage(stage, config, (*EVAL_INPUTS, *inputs), run)
 
     def _evaluations(self, group: Any, splits: dict[str, list[QAExample]], versions: dict) -> dict:
-        cfg, precision, k = self.cfg, self.cfg.eval.precision, self.cfg.eval.n_docs
-        trained = lambda run: lambda: trained_model(results[run]["checkpoint"], precision)
+        cfg, precision, k = self.cfg, self.cfg.models.precision, self.cfg.eval.n_docs
+        trained = lambda run: lambda: load_rag(cfg.models, precision, results[run]["checkpoint"])
         results = {
             "zero_shot": self._rows(
                 "zero_shot",
-                lambda: shipped_model(cfg.models, precision),
+                lambda: load_rag(cfg.models, precision),
                 group,
                 splits,
                 {"closed_book": (1,), "rag_sequence": (k,)},

@@ -30,9 +30,8 @@ class ExperimentData(Section):
 
     squad: str = BUILTIN_QA  # SQuAD-format .json ("squad-dev": SQuAD v1.1 dev)
     test_articles: tuple[str, ...] = Field(min_length=1)  # titles as in the file
-    validation_articles: tuple[str, ...] = Field(
-        min_length=1
-    )  # every choice is made on these; the rest train
+    # every choice is made on these; the articles in neither list train
+    validation_articles: tuple[str, ...] = Field(min_length=1)
     test_questions: int = Field(1000, ge=1)  # a seeded sample of the test articles' questions
     validation_questions: int = Field(300, ge=1)  # a seeded sample of the validation articles' questions
     train_questions: int | None = Field(None, ge=1)  # a seeded sample for training (None: all)
@@ -53,7 +52,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _qa_rows(examples: list[QAExample]) -> list[dict]:
-    return [{"question": e.question, "answers": list(e.answers)} for e in examples]
+    return [{"question": e.input, "answers": list(e.answers)} for e in examples]
 
 
 def sample_questions(examples: list[QAExample], count: int | None, seed: int) -> list[QAExample]:

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from cluster.fusion import RetrievalConfig
+from services.rag.checkpoint import TrainState
 from services.rag.precision import resolve_dtype
 from services.rag.retrieval import DENSE, Search, closed_book_search, retrieve
-from training.checkpoint import TrainState, load_checkpoint, load_optimizer_state, save_checkpoint
+from training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from training.config import OptimizerConfig, RefreshSchedule, TrainConfig
 from training.data import QAExample
 from training.modules import RagTrainModule, apply_compute, build_train_module
@@ -130,11 +131,14 @@ def forward_backward(
     """Retrieve, compute `weight` × local mean loss (autocast to `dtype`), backward. Returns
     (detached loss, version).
 
+    The autocast is mixed-precision training arithmetic: the weights and their gradients stay float32.
+    (Inference stores the weights in its precision instead: `services.rag.loading.load_rag`.)
+
     The module recomputes the doc scores with gradient from the retrieved document vectors.
     `weight` = local batch / (global batch / world size) makes DDP's gradient average equal
     the gradient of the global-batch mean even when the local shares differ in size.
     """
-    questions = [e.question for e in examples]
+    questions = [e.input for e in examples]
     answers = [e.answers[0] for e in examples]
     rag = unwrap(module).rag
     found = retrieve(

@@ -9,10 +9,12 @@ import torch
 
 from cluster.encoders import TextEncoder
 from cluster.passages import Passage, passage_text
+from services.rag.checkpoint import TrainState, read_state
+from services.rag.config import Mode
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
-from services.rag.model import Mode, RagModel
-from training.checkpoint import TrainState, load_checkpoint, read_state
+from services.rag.model import RagModel
+from training.checkpoint import load_checkpoint
 from training.config import ComputeConfig, ModelsConfig
 
 
@@ -57,7 +59,9 @@ class RagTrainModule(torch.nn.Module):
 
 
 def build_train_module(models: ModelsConfig, mode: Mode, train_doc_encoder: bool) -> RagTrainModule:
-    """Load the query encoder, generator (and document encoder when trained) named in the config."""
+    """Load the query encoder, generator (and document encoder when trained) named in the config, for
+    training: float32 weights (mixed precision is the step's autocast; inference loads through
+    `services.rag.loading.load_rag`)."""
     query_encoder = TextEncoder.from_pretrained(models.query_encoder)
     model, tokenizer = load_generator(models.generator)
     rag = RagModel(query_encoder, make_generator(model, tokenizer))
@@ -92,7 +96,7 @@ def apply_compute(module: RagTrainModule, compute: ComputeConfig) -> None:
 
 
 def load_trained(checkpoint_dir: str | Path) -> tuple[RagTrainModule, TrainState]:
-    """The trained models of a training checkpoint (`.rag` for serving and evaluation)."""
+    """The trained modules of a training checkpoint as training holds them (float32), for export."""
     state = read_state(checkpoint_dir)
     module = build_train_module(ModelsConfig(**state.models), "sequence", state.doc_encoder_trained)
     load_checkpoint(checkpoint_dir, module.modules_to_save())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cluster.passages import Passage, passage_text
 from training.data import QAExample
-from training.metrics import answer_in_passages, exact_match, f1_score
+from training.scoring import answer_in_passages, exact_match, f1_score
 from training.stats import compare, interval
 
 
@@ -25,7 +25,7 @@ def _lines(
         answers = list(example.answers)
         rows.append(
             {
-                "question": example.question,
+                "question": example.input,
                 "gold": answers,
                 "prediction": prediction,
                 "em": exact_match(prediction, answers),

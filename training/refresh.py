@@ -8,24 +8,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
+from cluster.bootstrap import IndexSpec
+from cluster.encode_pool import encode_on_ray
 from cluster.encoders import TextEncoder
-from cluster.index_build import build_index, build_index_from_vectors
+from cluster.index_build import build_index_from_vectors
 from cluster.index_store import publish
-from cluster.passages import load_corpus, passage_text
+from cluster.passages import passage_text
 
 NICENESS = 10
 
 
 @dataclass(frozen=True)
 class RefreshConfig:
-    index_root: str
-    corpus: str  # load_corpus spec: the passages every version indexes
-    doc_encoder: str  # the document encoder's architecture (name or path)
-    corpus_limit: int | None = None
-    shards: int = 1
+    index: IndexSpec  # the root, the corpus every version indexes, the document encoder's architecture
     num_encoders: int = 0  # 0: encode inside the refresher (niced, loaded once); N: a pool of N Ray encoders
 
 
@@ -43,7 +42,7 @@ class IndexRefresher:
 
     def __init__(self, config: RefreshConfig, shard_group: Any) -> None:
         self.config, self.shard_group = config, shard_group
-        self.passages = load_corpus(config.corpus, config.corpus_limit)
+        self.passages = config.index.passages()
         self.encoder: TextEncoder | None = None  # loaded by the first in-actor refresh
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -80,7 +79,7 @@ class IndexRefresher:
             with self._lock:
                 if generation != self._generation:
                     return  # a resume moved back to an older checkpoint: these weights are gone
-                publish(self.config.index_root, version)
+                publish(self.config.index.root, version)
                 ray.get(self.shard_group.swap.remote(version))
                 self.refreshes.append(
                     {"step": step, "version": version, "seconds": round(time.monotonic() - started, 3)}
@@ -88,33 +87,37 @@ class IndexRefresher:
         except BaseException as error:  # surfaced to the next caller of request/status/wait
             self._error = error
 
-    def _encode_and_write(self, encoder_state: dict[str, torch.Tensor]) -> str:
-        """A new unpublished version of the corpus under these document-encoder weights."""
+    def _encode(self, encoder_state: dict[str, torch.Tensor]) -> tuple[np.ndarray, str, str]:
+        """(N, d) vectors of the corpus under these weights, with the encoder's name and fingerprint:
+        on a pool of Ray encoders, or on this thread at low priority with an encoder loaded once."""
+        texts = [passage_text(p) for p in self.passages]
         if self.config.num_encoders > 0:
-            return build_index(
-                self.passages,
-                self.config.index_root,
-                encoder=self.config.doc_encoder,
-                shards=self.config.shards,
+            vectors, (name, _, fingerprint) = encode_on_ray(
+                texts,
+                self.config.index.encoder,
                 num_encoders=self.config.num_encoders,
                 encoder_threads=1,  # one CPU each, beside training
                 encoder_state=encoder_state,
-                publish=False,
                 show_progress=False,
             )
+            return vectors, name, fingerprint
         os.nice(NICENESS)  # Linux nice is per thread: this build thread yields to training
         torch.set_num_threads(1)
         if self.encoder is None:
-            self.encoder = TextEncoder.from_pretrained(self.config.doc_encoder).eval()
+            self.encoder = TextEncoder.from_pretrained(self.config.index.encoder).eval()
         self.encoder.load_state_dict(encoder_state)
-        vectors = self.encoder.encode([passage_text(p) for p in self.passages])  # (N, d)
+        return self.encoder.encode(texts), self.encoder.name, self.encoder.fingerprint()  # (N, d)
+
+    def _encode_and_write(self, encoder_state: dict[str, torch.Tensor]) -> str:
+        """A new unpublished version of the corpus under these document-encoder weights."""
+        vectors, encoder, fingerprint = self._encode(encoder_state)
         return build_index_from_vectors(
             vectors,
             self.passages,
-            self.config.index_root,
-            shards=self.config.shards,
-            encoder=self.encoder.name,
-            encoder_fingerprint=self.encoder.fingerprint(),
+            self.config.index.root,
+            shards=self.config.index.shards,
+            encoder=encoder,
+            encoder_fingerprint=fingerprint,
             publish=False,
         )
 
@@ -122,7 +125,7 @@ class IndexRefresher:
         """Resume: forget in-flight builds, publish and serve `version` again."""
         with self._lock:
             self._generation += 1
-            publish(self.config.index_root, version)
+            publish(self.config.index.root, version)
             if ray.get(self.shard_group.health.remote())["version"] != version:
                 ray.get(self.shard_group.swap.remote(version))
 

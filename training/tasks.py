@@ -8,27 +8,23 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from services.rag.config import Mode
 from services.rag.generator import Generator
 from services.rag.marginal import candidate_log_likelihoods
-from services.rag.model import Mode
 from training.config import TASKS, TaskName
-from training.data import QAExample, Split, load_claims, load_qa, squad_qa_by_article
-from training.metrics import normalize_answer, score_generations, score_labels, score_predictions
-
-CLAIM_LABELS = ("true", "false")  # the label words of `make_claims`
+from training.data import QAExample, load_claims, load_qa
+from training.scoring import score_generations, score_labels, score_predictions
 
 
 def load_qgen(path: str) -> list[QAExample]:
     """QA data turned around: each question's first answer is the input, the question the target."""
-    return [QAExample(question=e.answers[0], answers=(e.question,)) for e in load_qa(path)]
+    return [QAExample(input=e.answers[0], answers=(e.input,)) for e in load_qa(path)]
 
 
 @dataclass(frozen=True)
@@ -36,7 +32,7 @@ class Task:
     """What a task reads and how it is scored."""
 
     name: TaskName
-    load: Callable[[str], list[QAExample]]  # data spec -> examples (input in .question, targets in .answers)
+    load: Callable[[str], list[QAExample]]  # data spec -> examples (.input, targets in .answers)
     score: Callable[[Sequence[str], Sequence[Sequence[str]]], dict[str, float]]  # predictions, targets
     summary: tuple[str, ...]  # the keys of the one-line result; the first is plotted against n_docs
     axis: tuple[str, str]  # the plotted metric: axis label, short name
@@ -127,55 +123,3 @@ def choose_labels(
     """The likeliest label word for each input (`label_log_likelihoods`)."""
     scores = label_log_likelihoods(generator, inputs, titles, texts, doc_scores, labels, mode)  # (B, C)
     return [labels[i] for i in scores.argmax(-1).tolist()]
-
-
-def _kind(answer: str) -> str:
-    """A rough answer type, for swapping like with like: a number, a name, or other."""
-    if any(ch.isdigit() for ch in answer):
-        return "number"
-    return "name" if answer[:1].isupper() else "other"
-
-
-def _swaps(example: QAExample, article: Sequence[QAExample]) -> list[str]:
-    """Answers of other questions of the article, of the same kind, that neither contain nor are
-    contained in any of this question's gold answers (after SQuAD normalisation)."""
-    gold = [normalize_answer(a) for a in example.answers]
-    out = {}
-    for other in article:
-        answer = other.answers[0]
-        norm = normalize_answer(answer)
-        if (
-            norm
-            and _kind(answer) == _kind(example.answers[0])
-            and not any(norm in g or g in norm for g in gold)
-        ):
-            out.setdefault(norm, answer)
-    return sorted(out.values())
-
-
-def claim_text(question: str, answer: str) -> str:
-    return f'The answer to "{question.strip()}" is {answer}.'
-
-
-def make_claims(path: Path, split: Split | None, count: int, seed: int = 0) -> list[dict[str, str]]:
-    """`count` labelled claims from SQuAD-format data, half "true" and half "false", drawn with `seed`.
-
-    Questions are shuffled; claim i takes label CLAIM_LABELS[i % 2]. A true claim states a question's
-    first answer (`claim_text`); a false one a different answer drawn from the other questions of the
-    same article with the same rough type (number, capitalised name, other), never one that contains or
-    is contained in a gold answer; a question with no such answer is passed over for a false claim.
-    """
-    rng = random.Random(seed)
-    pool = [(e, article) for _, article in squad_qa_by_article(path, split) for e in article]
-    rng.shuffle(pool)
-    claims: list[dict[str, str]] = []
-    for example, article in pool:
-        label = CLAIM_LABELS[len(claims) % 2]
-        swaps = _swaps(example, article) if label == "false" else []
-        if label == "false" and not swaps:
-            continue
-        answer = rng.choice(swaps) if swaps else example.answers[0]
-        claims.append({"claim": claim_text(example.question, answer), "label": label})
-        if len(claims) == count:
-            return claims
-    raise ValueError(f"{str(path)!r} (split {split}) has too few questions for {count} claims")

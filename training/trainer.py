@@ -11,11 +11,10 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.index_build import build_index
-from cluster.index_store import load_manifest, published_version
-from cluster.passages import load_corpus
-from cluster.shard_group import ShardGroup, ShardGroupConfig
-from training.checkpoint import STATE, read_state
+from cluster.bootstrap import IndexSpec, ensure_index
+from cluster.index_store import load_manifest
+from cluster.shard_group import ShardGroup
+from services.rag.checkpoint import STATE, read_state
 from training.config import TrainConfig
 from training.loop import train_loop_per_worker
 from training.refresh import IndexRefresher, RefreshConfig
@@ -38,28 +37,19 @@ def prepare_index(cfg: TrainConfig) -> str:
     """The published index version to start from (built from the corpus when there is none).
 
     Checks n_docs against the index size before any worker starts."""
-    version = published_version(cfg.index.root) if Path(cfg.index.root).is_dir() else None
-    if version is None:
-        passages = load_corpus(cfg.index.corpus, cfg.index.corpus_limit)
-        version = build_index(
-            passages,
-            cfg.index.root,
-            encoder=cfg.models.doc_encoder,
-            shards=cfg.index.shards,
-            publish=True,
-            show_progress=False,
-        )
-    count = load_manifest(cfg.index.root, version).count
+    version = ensure_index(IndexSpec.of(cfg.index, cfg.models.doc_encoder))
+    count = load_manifest(cfg.index.index_root, version).count
     if cfg.n_docs > count:
         raise ValueError(
-            f"n_docs={cfg.n_docs} is larger than index {version} at {cfg.index.root!r} ({count} passages)"
+            f"n_docs={cfg.n_docs} is larger than index {version} at {cfg.index.index_root!r} "
+            f"({count} passages)"
         )
     return version
 
 
 def run_config(cfg: TrainConfig) -> dict:
     """The part of the config a resumed run must share with the run that wrote the checkpoints."""
-    return cfg.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
+    return cfg.training_record(*RESUMABLE_CHANGES)
 
 
 def check_resumable(cfg: TrainConfig) -> None:
@@ -70,7 +60,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     if not states:
         return
     state = read_state(states[-1].parent)
-    wanted = {**cfg.models.model_dump(), "doc_encoder_trained": cfg.train_doc_encoder}
+    wanted = {**cfg.models.model_dump(exclude={"precision"}), "doc_encoder_trained": cfg.train_doc_encoder}
     found = {**state.models, "doc_encoder_trained": state.doc_encoder_trained}
     for key, value in wanted.items():
         if found.get(key) != value:
@@ -94,16 +84,8 @@ def check_resumable(cfg: TrainConfig) -> None:
 def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
     """The shard group actor (workers search it) and the refresher actor that swaps it."""
     group = ray.remote(ShardGroup).options(max_concurrency=SHARD_GROUP_CONCURRENCY, num_cpus=0)
-    shard_config = ShardGroupConfig(index_root=cfg.index.root, shard_cpus=cfg.index.shard_cpus)
-    shard_group = group.remote(shard_config, version)
-    refresh = RefreshConfig(
-        index_root=cfg.index.root,
-        corpus=cfg.index.corpus,
-        doc_encoder=cfg.models.doc_encoder,
-        corpus_limit=cfg.index.corpus_limit,
-        shards=cfg.index.shards,
-        num_encoders=cfg.index.refresh_encoders,
-    )
+    shard_group = group.remote(cfg.index, version)
+    refresh = RefreshConfig(IndexSpec.of(cfg.index, cfg.models.doc_encoder), cfg.index.refresh_encoders)
     refresher = ray.remote(IndexRefresher).options(max_concurrency=4, num_cpus=0).remote(refresh, shard_group)
     return shard_group, refresher
 

@@ -30,8 +30,8 @@ class Unproven(Exception):
 class BeamConfig:
     """Beam search settings; `max_new_tokens` counts generated tokens (eos included)."""
 
-    num_beams: int = 4
-    max_new_tokens: int = 32
+    num_beams: int
+    max_new_tokens: int
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:

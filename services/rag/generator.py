@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    AttentionInterface,
-    DynamicCache,
-    EncoderDecoderCache,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from services.rag.grouped_attention import grouped_attention
+from services.rag.kv_cache import BeamLayer, rows_of
 
 # Chosen on SmolLM2-135M-Instruct: with a "short phrase" instruction it often echoed the question.
 SYSTEM_PROMPT = "You are a helpful assistant."
 TITLE_SEP, DOC_SEP = " / ", " // "  # transformers' RagConfig defaults
 SCORE_CHUNK = 1 << 24  # logits elements per forward when scoring many (context, target) pairs
-GROUPED_SDPA = "rayrag_grouped_sdpa"  # attention implementation name used while decoding seq2seq
-_ATTENTION_SWITCH = threading.RLock()
 
 
 @dataclass
@@ -172,67 +161,9 @@ class Generator(torch.nn.Module, ABC):
     def _score_chunk(self, state: DecodeState, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
 
-def _cache_over(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding these (keys, values) per layer as they are (its constructor copies them)."""
-    cache = DynamicCache([(keys[..., :0, :], values[..., :0, :]) for keys, values in kv])
-    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
-        layer.keys, layer.values = keys, values
-    return cache
-
-
-def _grouped_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """SDPA where each key/value row serves a block of consecutive query rows.
-
-    Cross-attention then reads one copy of a context's encoder keys for all its beams or scored
-    targets; with equal row counts this is plain SDPA.
-    """
-    rows, groups = key.shape[0], query.shape[0] // key.shape[0]
-    if groups == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    _, heads, t, d = query.shape  # (C*G, h, T, d)
-    query = (
-        query.view(rows, groups, heads, t, d).transpose(1, 2).reshape(rows, heads, groups * t, d)
-    )  # (C, h, G*T, d)
-    if attention_mask is not None:  # rows of a block share their context's mask
-        attention_mask = attention_mask[::groups, :, :1].expand(-1, -1, groups * t, -1)  # (C, 1, G*T, L)
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # (C, G*T, h, d)
-    return out.reshape(rows * groups, t, heads, d), None  # (C*G, T, h, d)
-
-
-AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
-AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
-
-
-@contextmanager
-def _grouped_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run `model` with `_grouped_sdpa` attention, restoring its own implementation afterwards.
-
-    The setting lives on the shared config, so the switch and the call run under one lock:
-    another thread decoding with the same model (concurrent Serve batches) never sees it."""
-    with _ATTENTION_SWITCH:
-        saved = model.config._attn_implementation
-        model.config._attn_implementation = GROUPED_SDPA
-        try:
-            yield
-        finally:
-            model.config._attn_implementation = saved
-
-
 def _gather_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # (P, T, V)
     return log_probs.gather(-1, target[..., None]).squeeze(-1)  # (P, T)
-
-
-def _rows_of(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> DynamicCache:
-    """A cache over rows `rows` of per-context (keys, values); index_select copies faster than indexing."""
-    return _cache_over([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv])
 
 
 class Seq2SeqGenerator(Generator):
@@ -290,7 +221,7 @@ class Seq2SeqGenerator(Generator):
         cross = state.cache.cross_attention_cache.layers
         state.prefix["cross"] = [(layer.keys, layer.values) for layer in cross]
         rows = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(copies)  # (R,)
-        # Cross-attention keys stay one row per context: `_grouped_sdpa` shares them among its copies.
+        # Cross-attention keys stay one row per context: `grouped_sdpa` shares them among its copies.
         state.cache.self_attention_cache.reorder_cache(rows)
         # Once the cross-attention keys are cached, the decoder reads only the encoder states' shape.
         state.attention_mask, state.encoder_hidden = (
@@ -301,7 +232,7 @@ class Seq2SeqGenerator(Generator):
 
     @torch.no_grad()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        with _grouped_attention(self.model):
+        with grouped_attention(self.model):
             out = self.model(
                 decoder_input_ids=tokens[:, None],
                 encoder_outputs=(state.encoder_hidden,),
@@ -321,12 +252,12 @@ class Seq2SeqGenerator(Generator):
         contexts, width, slot = _context_blocks(rows)
         padded = target.new_full((len(contexts) * width, target.shape[1]), self.pad_id)  # (C*W, T)
         padded[slot] = target
-        cross = _rows_of(state.prefix["cross"], contexts)  # (C, h, L, d) per layer, shared by each block
+        cross = rows_of(state.prefix["cross"], contexts)  # (C, h, L, d) per layer, shared by each block
         # The cross-attention keys come from the cache; the decoder reads only the encoder
         # states' shape then, so a broadcast view stands in for them.
         hidden = state.prefix["hidden"][:1].expand(padded.shape[0], -1, -1)  # (C*W, L, d)
         mask = state.prefix["mask"][contexts].repeat_interleave(width, dim=0)  # (C*W, L)
-        with _grouped_attention(self.model):
+        with grouped_attention(self.model):
             out = self.model(
                 encoder_outputs=(hidden,),
                 attention_mask=mask,
@@ -347,51 +278,6 @@ def _context_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor
     first = (counts.cumsum(0) - counts).repeat_interleave(counts)  # (P,) sorted index where its block starts
     sorted_slot = block * width + torch.arange(rows.shape[0], device=rows.device) - first  # (P,)
     return contexts, width, torch.empty_like(sorted_slot).index_copy_(0, order, sorted_slot)
-
-
-class _BeamLayer(DynamicLayer):
-    """One layer's keys and values while beams decode a prompt: kept in a buffer with room to grow,
-    so a step writes its token in place instead of copying the cache, and a beam reorder moves only
-    the generated positions (the beams of one prompt share its keys, so those never move)."""
-
-    ROOM = 32  # positions added whenever the buffer is full
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.prompt = keys.shape[2]
-        self.key_buffer, self.value_buffer = self._with_room(keys, 0), self._with_room(values, 0)
-        self._show(self.prompt)
-
-    def _with_room(self, states: torch.Tensor, more: int) -> torch.Tensor:
-        """A (R, h, n + room, d) buffer starting with `states` (R, h, n, d)."""
-        r, h, n, d = states.shape
-        buffer = states.new_empty(r, h, n + max(self.ROOM, more), d)
-        buffer[:, :, :n] = states
-        return buffer
-
-    def _show(self, length: int) -> None:
-        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
-        if end > self.key_buffer.shape[2]:
-            more = key_states.shape[2]
-            self.key_buffer, self.value_buffer = (
-                self._with_room(self.keys, more),
-                self._with_room(self.values, more),
-            )
-        self.key_buffer[:, :, start:end] = key_states
-        self.value_buffer[:, :, start:end] = value_states
-        self._show(end)
-        return self.keys, self.values
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        generated = slice(self.prompt, self.keys.shape[2])
-        for buffer in (self.key_buffer, self.value_buffer):
-            buffer[:, :, generated] = buffer[:, :, generated].index_select(0, beam_idx)
 
 
 class CausalGenerator(Generator):
@@ -470,7 +356,7 @@ class CausalGenerator(Generator):
         rows = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(copies)  # (R,)
         cache = DynamicCache()
         cache.layers = [
-            _BeamLayer(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv
+            BeamLayer(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv
         ]
         prefix = {"kv": kv, "mask": mask, "first": first}
         return DecodeState(cache, mask[rows], prefix=prefix), first[rows]
@@ -497,7 +383,7 @@ class CausalGenerator(Generator):
         first = state.prefix["first"][rows].gather(1, target[:, :1])  # (P, 1)
         if target.shape[1] == 1:
             return first
-        cache = _rows_of(state.prefix["kv"], rows)
+        cache = rows_of(state.prefix["kv"], rows)
         follow = target[:, :-1]  # (P, T-1)
         mask = torch.cat([state.prefix["mask"][rows], torch.ones_like(follow)], dim=1)  # (P, L+T-1)
         positions = state.prefix["mask"][rows].sum(1, keepdim=True) + torch.arange(

@@ -1,4 +1,4 @@
-"""Generator loading: any seq2seq or causal HF model, and the default GGUF converted once to a cache."""
+"""Model loading: HF generators (the default GGUF converted once, cached) and `load_rag` for inference."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import (
@@ -22,6 +23,10 @@ from transformers import (
 )
 
 from services.rag.precision import Precision, resolve_dtype
+
+if TYPE_CHECKING:
+    from services.rag.generator import Generator
+    from services.rag.model import RagModel
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "RAYRAG_CACHE"
@@ -134,3 +139,43 @@ def load_generator(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+class ModelNames(Protocol):
+    """The models a `RagModel` is made of, by name or path (the models configs have these keys)."""
+
+    @property
+    def query_encoder(self) -> str: ...
+
+    @property
+    def generator(self) -> str: ...
+
+
+def load_generator_for_inference(
+    name_or_path: str, precision: Precision, cache_dir: str | None = None
+) -> Generator:
+    """The generator wrapper in eval mode, its weights stored as `precision` says (this is the one
+    place inference applies precision; training keeps float32 weights and autocasts its steps)."""
+    from services.rag.generator import make_generator
+
+    model, tokenizer = load_generator(name_or_path, cache_dir, precision)
+    return make_generator(model, tokenizer).eval()
+
+
+def load_rag(
+    models: ModelNames,
+    precision: Precision,
+    checkpoint: str | Path | None = None,
+    cache_dir: str | None = None,
+) -> RagModel:
+    """The RAG model for inference (eval mode): the named query encoder and generator, with a training
+    checkpoint's weights over them when given (cast to the generator's precision)."""
+    from cluster.encoders import TextEncoder
+    from services.rag.checkpoint import load_weights
+    from services.rag.model import RagModel
+
+    query_encoder = TextEncoder.from_pretrained(models.query_encoder)
+    rag = RagModel(query_encoder, load_generator_for_inference(models.generator, precision, cache_dir))
+    if checkpoint is not None:
+        load_weights(checkpoint, {"rag": rag})
+    return rag.eval()

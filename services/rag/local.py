@@ -12,15 +12,12 @@ import numpy as np
 from pydantic import ConfigDict, Field
 
 from cluster.bm25 import Bm25Index, Bm25Params, build_shards, shard_files, tokenize
-from cluster.config import Config
-from cluster.encoders import TextEncoder, load_encoders
+from cluster.encoders import TextEncoder
 from cluster.fusion import RetrievalConfig
 from cluster.merge import SearchResult
 from cluster.passages import Passage, load_corpus, passage_text
-from services.rag.generator import make_generator
-from services.rag.loading import cache_root, ensure_cached, load_generator
-from services.rag.model import Decoding, Mode, RagModel
-from services.rag.precision import Precision
+from services.rag.config import DecodingConfig, ModelsConfig
+from services.rag.loading import cache_root, ensure_cached, load_rag
 from services.rag.retrieval import Retrieved, retrieve
 
 ENCODE_CHUNK = 1024  # passages per progress line
@@ -29,22 +26,15 @@ LOCAL_VERSION = "local"  # the version a local, in-memory index reports
 logger = logging.getLogger(__name__)
 
 
-class LocalConfig(Config):
-    """What `rayrag ask --local` loads and how it answers."""
+class LocalConfig(DecodingConfig, ModelsConfig):
+    """What `rayrag ask --local` loads (the corpus, the models) and how it answers."""
 
     model_config = ConfigDict(frozen=True)
-    corpus: str = "default"
-    limit: int | None = Field(None, ge=1)  # None: every passage
-    encoder: str = "default"
-    doc_encoder: str | None = None  # None: the same model as the query encoder
-    generator: str = "default"
-    precision: Precision = "auto"  # the generator's weights (services/rag/precision.py)
-    n_docs: int = Field(5, ge=1)
-    mode: Mode = "sequence"
-    decoding: Decoding = "fast"  # RAG-Sequence; "thorough" rescores every hypothesis under all K
-    num_beams: int = Field(4, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    cache_dir: str | None = None  # None: $RAYRAG_CACHE or ~/.cache/rayrag
+    corpus: str = Field("default", description="default | squad-open | FILE.jsonl | FILE.json")
+    limit: int | None = Field(None, ge=1, description="use only the first N passages")
+    cache_dir: str | None = Field(
+        None, description="converted models and vectors (default $RAYRAG_CACHE, else ~/.cache/rayrag)"
+    )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # dense, bm25 or hybrid
 
 
@@ -118,7 +108,7 @@ class LocalRag:
         if config.n_docs > len(passages):
             raise ValueError(f"n_docs={config.n_docs} exceeds the corpus size of {len(passages)} passages")
         self.config, self.passages = config, passages
-        query_encoder, doc_encoder = load_encoders(config.encoder, config.doc_encoder)
+        doc_encoder = TextEncoder.from_pretrained(config.doc_encoder)
         self.vectors = document_vectors(passages, doc_encoder, config.cache_dir)  # (N, d)
         self.index = faiss.IndexFlatIP(self.vectors.shape[1])
         self.index.add(self.vectors)
@@ -127,8 +117,7 @@ class LocalRag:
             if config.retrieval.retriever != "dense"
             else None
         )
-        model, tokenizer = load_generator(config.generator, config.cache_dir, config.precision)
-        self.rag = RagModel(query_encoder.eval(), make_generator(model, tokenizer)).eval()
+        self.rag = load_rag(config, config.precision, cache_dir=config.cache_dir)
 
     @classmethod
     def from_config(cls, config: LocalConfig) -> LocalRag:
@@ -179,14 +168,7 @@ class LocalRag:
         found = self.retrieve(questions)
         cfg = self.config
         answers = self.rag.generate(
-            questions,
-            titles=found.titles,
-            texts=found.texts,
-            doc_scores=found.doc_scores,
-            mode=cfg.mode,
-            decoding=cfg.decoding,
-            num_beams=cfg.num_beams,
-            max_new_tokens=cfg.max_new_tokens,
+            questions, titles=found.titles, texts=found.texts, doc_scores=found.doc_scores, options=cfg
         )
         sources = zip(
             found.ids, found.titles, found.texts, found.scores, found.found_by

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
 from cluster.encoders import TextEncoder
+from services.rag.config import DecodingConfig, Mode
 from services.rag.decoding import (
     BeamConfig,
     PrefixFn,
@@ -22,8 +21,6 @@ from services.rag.generator import Contexts, Generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
 from services.rag.stopping import StopCheck, check_stop
 
-Mode = Literal["sequence", "token"]  # RAG-Sequence or RAG-Token
-Decoding = Literal["thorough", "fast"]
 DEFAULT_NORMALISED_SCALE = 20.0
 # Passages whose p(z|x) adds up to at most this are left out of a first decoding, kept only when it
 # proves they cannot change the answer (else the answer is decoded again with them).
@@ -47,15 +44,13 @@ def generate_answers(
     titles: list[list[str]],
     texts: list[list[str]],
     doc_scores: np.ndarray | torch.Tensor,
-    mode: Mode = "sequence",
-    decoding: Decoding = "fast",
-    num_beams: int = 4,
-    max_new_tokens: int = 32,
+    options: DecodingConfig,
     stop: StopCheck | None = None,
     on_prefix: PrefixFn | None = None,
     drop_mass: float = DROP_MASS,
 ) -> list[str]:
-    """Answer each question from its K passages and their doc scores (B, K); one string each.
+    """Answer each question from its K passages and their doc scores (B, K), decoded as `options` say
+    (their n_docs aside: the passages given are decoded); one string each.
 
     `stop` is asked before the prefill and between decoding steps (GenerationStopped);
     `on_prefix` gets the first question's final tokens as they become final (RAG-Token).
@@ -63,16 +58,12 @@ def generate_answers(
     least likely passages (p(z|x) summing to ≤ drop_mass) and keep that answer only when a bound
     proves the full decoding gives the same one (`services/rag/decoding.py: Unproven`); else
     RAG-Sequence decodes the passages left out and joins their beams, RAG-Token decodes again."""
-    if mode not in ("sequence", "token"):
-        raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
-    if decoding not in ("thorough", "fast"):
-        raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
-    config = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    config = BeamConfig(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens)
     ctx = generator.contexts(questions, titles, texts)
     scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=ctx.input_ids.device)  # (B, K)
     check_stop(stop, "before the prefill")
-    if mode == "token":
-        kept = kept_passages(scores, drop_mass) if num_beams == 1 else None
+    if options.mode == "token":
+        kept = kept_passages(scores, drop_mass) if options.num_beams == 1 else None
         if kept is not None:
             index, dropped = kept
             try:
@@ -85,7 +76,7 @@ def generate_answers(
             except Unproven:
                 pass
         return generator.decode(rag_token_generate(generator, ctx, scores, config, stop, on_prefix))  # (B, T)
-    if decoding == "thorough":
+    if options.decoding == "thorough":
         return generator.decode(rag_sequence_generate(generator, ctx, scores, config, True, stop))
     return generator.decode(_sequence_fast(generator, ctx, scores, config, drop_mass, stop))
 
@@ -223,20 +214,7 @@ class RagModel(torch.nn.Module):
         titles: list[list[str]],
         texts: list[list[str]],
         doc_scores: np.ndarray | torch.Tensor,
-        mode: Mode = "sequence",
-        decoding: Decoding = "fast",
-        num_beams: int = 4,
-        max_new_tokens: int = 32,
+        options: DecodingConfig,
     ) -> list[str]:
         """Answer each question from its K passages; returns one string per question."""
-        return generate_answers(
-            self.generator,
-            questions,
-            titles,
-            texts,
-            doc_scores,
-            mode=mode,
-            decoding=decoding,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-        )
+        return generate_answers(self.generator, questions, titles, texts, doc_scores, options)

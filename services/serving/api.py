@@ -11,11 +11,13 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.fusion import Retriever
+from services.rag.config import DecodingConfig
 from services.serving.conversation import Turn, conversation
 
 # Documented limits (also shown in the OpenAPI schema at /docs).
@@ -89,17 +91,18 @@ Question = Annotated[
 ]
 
 
-class DecodingOptions(BaseModel):
-    """How to decode: the RAG mode, the RAG-Sequence decoding, beams and length."""
+def _limited(name: str, most: int) -> Any:
+    """The decoding config's field `name` (its default and description) with this API's upper limit."""
+    return FieldInfo.merge_field_infos(DecodingConfig.model_fields[name], Field(le=most))
 
-    model_config = ConfigDict(extra="forbid")
-    n_docs: int = Field(5, ge=1, le=MAX_N_DOCS, description="passages retrieved (K)")
-    mode: Literal["sequence", "token"] = "sequence"
-    decoding: Literal["thorough", "fast"] = Field(
-        "fast", description="RAG-Sequence decoding; ignored for mode=token"
-    )
-    num_beams: int = Field(4, ge=1, le=MAX_NUM_BEAMS)
-    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+
+class DecodingOptions(DecodingConfig):
+    """How to decode (the decoding config, within this API's limits), and which retriever finds the
+    passages."""
+
+    n_docs: int = _limited("n_docs", MAX_N_DOCS)
+    num_beams: int = _limited("num_beams", MAX_NUM_BEAMS)
+    max_new_tokens: int = _limited("max_new_tokens", MAX_NEW_TOKENS)
     retriever: Retriever | None = Field(
         None, description="dense, bm25 or hybrid (default: the server's args.retrieval.retriever)"
     )

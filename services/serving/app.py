@@ -43,17 +43,13 @@ from services.serving.api import (
     last_chunks,
     responses,
 )
+from services.serving.config import AppConfig, LimitsConfig
 from services.serving.conversation import generator_question, retrieval_query
-from services.serving.deployments import (
-    AppConfig,
-    Generated,
-    GeneratorDeployment,
-    IngressConfig,
-    RetrieverDeployment,
-    docs_of,
-)
-from services.serving.engine import EngineFactory, GenerateRequest, RagEngine
+from services.serving.engine import EngineFactory, Generated, GenerateRequest, RagEngine
+from services.serving.generator_deployment import GeneratorDeployment
 from services.serving.metrics import LATENCY_MS, REQUESTS
+from services.serving.provenance import docs_of
+from services.serving.retriever_deployment import RetrieverDeployment
 
 ADMIN_TOKEN_ENV = "RAYRAG_ADMIN_TOKEN"
 T = TypeVar("T")
@@ -92,13 +88,19 @@ class Ingress:
     methods: `retrieve`, `health`, `index_info`, `swap` broadcast; `generate`).
     """
 
-    def __init__(self, retriever: DeploymentHandle, generator: DeploymentHandle, config: IngressConfig):
+    def __init__(
+        self,
+        retriever: DeploymentHandle,
+        generator: DeploymentHandle,
+        limits: LimitsConfig,
+        admin_token: str | None = None,
+    ):
         # By value: the calls and their results travel over each replica's gRPC server instead
         # of the Ray object store, which halves a hop here (bench/serve.py).
         self.retriever = retriever.options(_by_reference=False)
         self.generator = generator.options(_by_reference=False)
-        self.admin_token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
-        self.limits = config.limits
+        self.admin_token = admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        self.limits = limits
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on each replica, after `__init__`, for the app it serves."""
@@ -157,10 +159,7 @@ class Ingress:
             titles=found.titles[0],
             texts=found.texts[0],
             doc_scores=found.doc_scores[0].tolist(),
-            mode=options.mode,
-            decoding=options.decoding,
-            num_beams=options.num_beams,
-            max_new_tokens=options.max_new_tokens,
+            options=options,
             deadline=deadline,
         )
 
@@ -422,11 +421,12 @@ IngressDeployment = serve.deployment(
 def build_app(args: dict[str, Any], engine: EngineFactory = RagEngine) -> Application:
     """Serve application builder: `serve run deploy.yaml` (import_path services.serving.app:build_app);
     `engine` builds the Generator's engine (Serve passes only `args`)."""
-    config = AppConfig.from_args(args)
-    if config.ingress.admin_token is None and os.environ.get(ADMIN_TOKEN_ENV):
-        config.ingress.admin_token = os.environ[ADMIN_TOKEN_ENV]
-    retriever = RetrieverDeployment.options(**config.retriever.deployment_options()).bind(config.retriever)
-    generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(
-        config.generator, engine
+    config = AppConfig.parse(args or {}, "args.")
+    retriever = RetrieverDeployment.options(**config.retriever.deployment_options()).bind(
+        config.retriever, config.index, config.models, config.retrieval
     )
-    return IngressDeployment.bind(retriever, generator, config.ingress)
+    generator = GeneratorDeployment.options(**config.generator.deployment_options()).bind(
+        config.generator, config.models, engine
+    )
+    admin_token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+    return IngressDeployment.bind(retriever, generator, config.limits, admin_token)

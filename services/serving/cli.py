@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING, get_args
 
-from cluster.fusion import Retriever
+from cluster.flags import add_config_flags, flag_values
 from cluster.runtime import init_ray
-from services.serving.serve_file import ServeFile, read_serve_file
-
-if TYPE_CHECKING:
-    from services.serving.deployments import IndexArgs, ModelsArgs
+from services.rag.config import ModelsConfig
+from services.serving.serve_file import PACKAGED, ServeFile, read_serve_file
 
 log = logging.getLogger(__name__)
 SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "fused"}  # hybrid's is no similarity
+DECODING_FLAGS = ("n_docs", "mode", "decoding", "num_beams", "max_new_tokens")  # a DecodingConfig's
+MODEL_FLAGS = ("query_encoder", "doc_encoder", "generator", "precision")  # a ModelsConfig's
+LOCAL_FLAGS = ("corpus", "limit", *MODEL_FLAGS, "cache_dir")  # a LocalConfig's, with DECODING_FLAGS
 
 
 def run_ask(args: argparse.Namespace) -> int:
     """`ask --local`: answer one question in this process and print the answer with its sources."""
     from services.rag.local import LocalConfig, LocalRag
 
-    raw = {key: getattr(args, key) for key in LocalConfig.model_fields if key != "retrieval"}
+    raw = flag_values(args, (*DECODING_FLAGS, *LOCAL_FLAGS))
     config = LocalConfig.parse(raw | {"retrieval": {"retriever": args.retriever or "dense"}})
     [answer] = LocalRag.from_config(config).ask([args.question])
     label = SCORE_LABELS[config.retrieval.retriever]
@@ -35,53 +35,29 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 def _add_ask(subcommands: argparse._SubParsersAction) -> None:
+    """`rayrag ask`: the request's flags (a DecodingOptions), then --local's and HTTP's own."""
+    from services.rag.local import LocalConfig
+    from services.serving.api import DecodingOptions
+
     ask = subcommands.add_parser("ask", help="answer a question with RAG (--local: one process, no Ray)")
     ask.add_argument("question")
-    ask.add_argument("--local", action="store_true", help="load everything in this process")
-    ask.add_argument("--corpus", default="default", help="default | squad-open | FILE.jsonl | FILE.json")
-    ask.add_argument("--limit", type=int, default=None, help="use only the first N passages")
-    ask.add_argument("--n-docs", type=int, default=5, help="passages retrieved (K)")
-    ask.add_argument(
-        "--retriever",
-        choices=get_args(Retriever),
-        default=None,
-        help="dense | bm25 | hybrid (default: dense with --local, else the server's args.retrieval)",
-    )
-    ask.add_argument(
-        "--mode", choices=["sequence", "token"], default="sequence", help="RAG-Sequence or RAG-Token"
-    )
-    ask.add_argument(
-        "--decoding",
-        choices=["thorough", "fast"],
-        default="fast",
-        help="RAG-Sequence decoding (thorough: rescore every hypothesis under all K passages)",
-    )
-    ask.add_argument("--num-beams", type=int, default=4)
-    ask.add_argument("--max-new-tokens", type=int, default=32)
-    ask.add_argument("--encoder", default="default", help="query encoder: name or path")
-    ask.add_argument("--doc-encoder", default=None, help="document encoder (default: same as --encoder)")
-    ask.add_argument("--generator", default="default", help="generator: name, path or .gguf file")
-    ask.add_argument(
-        "--precision",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)",
-    )
-    ask.add_argument(
-        "--cache-dir",
-        default=None,
-        help="converted models and vectors (default $RAYRAG_CACHE, else ~/.cache/rayrag)",
-    )
-    ask.set_defaults(run=run_ask)
+    add_config_flags(ask, DecodingOptions, (*DECODING_FLAGS, "retriever"))
+    local = ask.add_argument_group("--local", "answer in this process: the corpus and the models it loads")
+    local.add_argument("--local", action="store_true", help="load everything in this process")
+    add_config_flags(local, LocalConfig, LOCAL_FLAGS)
+    http = ask.add_argument_group("HTTP", "ask the running app (without --local)")
+    http.add_argument("--url", default=DEFAULT_URL, help="the running app (default: %(default)s)")
+    http.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    ask.set_defaults(run=_run_ask_any)
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands; each sets `run(args) -> int`."""
     _add_ask(subcommands)
-    _add_serving(subcommands)
+    _add_serve(subcommands)
 
 
-# ---- serving: `rayrag serve` (the main job) and `rayrag ask` over HTTP (owner: serving) ----
+# ---- `rayrag serve` (the main job) and `rayrag ask` over HTTP ----
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -89,11 +65,7 @@ def serve_app_args(config: ServeFile, args: argparse.Namespace) -> dict:
     """The config file's app args with the command line's models and index on top; a pinned
     `--index-version` stops the app from following the root's published pointer."""
     app_args = config.app_args
-    models = {
-        key: value
-        for key, value in (("generator", args.generator), ("query_encoder", args.query_encoder))
-        if value
-    }
+    models = {key: value for key, value in flag_values(args, MODEL_FLAGS).items() if value is not None}
     app_args["models"] = {**(app_args.get("models") or {}), **models}
     index = dict(app_args.get("index") or {})
     if args.index_root:
@@ -104,30 +76,7 @@ def serve_app_args(config: ServeFile, args: argparse.Namespace) -> dict:
     return app_args
 
 
-def _ensure_index(index: IndexArgs) -> None:
-    """Build and publish the index the app serves when its root has no published version; a
-    pinned version must already be there."""
-    from cluster.index_build import build_index
-    from cluster.index_store import list_versions, published_version
-    from cluster.passages import load_corpus
-
-    root = index.index_root
-    if index.version:
-        versions = list_versions(root)
-        if index.version not in versions:
-            raise ValueError(f"index version {index.version!r} is not in {root}; it has {versions}")
-        log.info("index: %s (version %s, pinned)", root, index.version)
-        return
-    if published_version(root) is not None:
-        log.info("index: %s (version %s)", root, published_version(root))
-        return
-    log.info("index: none at %s; building it from corpus %r (once)", root, index.corpus)
-    passages = load_corpus(index.corpus)
-    version = build_index(passages, root, encoder=index.encoder, shards=index.shards)
-    log.info("index: built and published %s (%d passages)", version, len(passages))
-
-
-def _warm_models(models: ModelsArgs) -> None:
+def _warm_models(models: ModelsConfig) -> None:
     """Convert the default generator once here (≈40 s) so replicas load it in under a second."""
     from services.rag.loading import cached_gguf, default_gguf_path
 
@@ -147,16 +96,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
+    from cluster.bootstrap import IndexSpec, ensure_index
     from services.serving.app import build_app
-    from services.serving.deployments import AppArgs
+    from services.serving.config import AppConfig
 
     config = read_serve_file(args.config)
     http, app, app_args = config.http_options, config.app, serve_app_args(config, args)
     if args.port is not None:
         http["port"] = args.port
-    parsed = AppArgs.parse(app_args, "args.")  # every bad key named before Ray starts
+    parsed = AppConfig.parse(app_args, "args.")  # every bad key named before Ray starts
     init_ray(log_to_driver=False)  # $RAY_ADDRESS when set, else a local Ray on 127.0.0.1
-    _ensure_index(parsed.index)
+    ensure_index(IndexSpec.of(parsed.index, parsed.models.doc_encoder), show_progress=True)
     _warm_models(parsed.models)
     serve.start(http_options=http, controller_options=config.controller_options or None)
     serve.run(build_app(app_args), name=app.name, route_prefix=app.route_prefix)
@@ -186,14 +136,7 @@ def ask_http(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    body = {
-        "question": args.question,
-        "n_docs": args.n_docs,
-        "mode": args.mode,
-        "decoding": args.decoding,
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-    }
+    body = {"question": args.question, **flag_values(args, DECODING_FLAGS)}
     if args.retriever is not None:
         body["retriever"] = args.retriever
     request = urllib.request.Request(
@@ -226,22 +169,17 @@ def _run_ask_any(args: argparse.Namespace) -> int:
     return run_ask(args) if args.local else ask_http(args)
 
 
-def _add_serving(subcommands: argparse._SubParsersAction) -> None:
+def _add_serve(subcommands: argparse._SubParsersAction) -> None:
     serve_cmd = subcommands.add_parser(
         "serve", help="the main job: build the index if absent, serve RAG on 127.0.0.1:8000"
     )
     serve_cmd.add_argument(
-        "--config", default=None, help="a Serve config file (default: ./deploy.yaml, else the packaged one)"
+        "--config",
+        default=None,
+        help=f"a Serve config file (default: ./deploy.yaml when the current folder has one, else {PACKAGED})",
     )
     serve_cmd.add_argument("--port", type=int, default=None, help="override http_options.port")
-    serve_cmd.add_argument(
-        "--generator",
-        default=None,
-        help="generator name or path (e.g. EXPORT/generator from `rayrag export`)",
-    )
-    serve_cmd.add_argument(
-        "--query-encoder", default=None, help="query encoder name or path (e.g. EXPORT/query_encoder)"
-    )
+    add_config_flags(serve_cmd, ModelsConfig, MODEL_FLAGS, overriding="args.models")
     serve_cmd.add_argument("--index-root", default=None, help="override index.root")
     serve_cmd.add_argument(
         "--index-version",
@@ -250,7 +188,3 @@ def _add_serving(subcommands: argparse._SubParsersAction) -> None:
         "(e.g. the one a checkpoint with a trained doc encoder names)",
     )
     serve_cmd.set_defaults(run=run_serve)
-    ask = subcommands.choices["ask"]
-    ask.add_argument("--url", default=DEFAULT_URL, help="the running app (without --local)")
-    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
-    ask.set_defaults(run=_run_ask_any)

@@ -1,4 +1,4 @@
-"""The generator engine the Generator deployment runs: its interface, its request, the RAG default."""
+"""The generator engine the Generator deployment runs: its interface, request and result, the RAG one."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from services.rag.config import DecodingConfig
 from services.rag.stopping import StopCheck
 
 if TYPE_CHECKING:
@@ -25,19 +26,32 @@ class GenerateRequest:
     titles: list[str]
     texts: list[str]
     doc_scores: list[float]  # (K,)
-    mode: str
-    decoding: str
-    num_beams: int
-    max_new_tokens: int
+    options: DecodingConfig  # its n_docs aside: the K passages given are decoded
     deadline: float | None = None  # time.time() past which nobody waits for the answer
 
     def work(self) -> int:
         """Decoder rows × steps at most: n_docs × num_beams × max_new_tokens."""
-        return len(self.titles) * self.num_beams * self.max_new_tokens
+        return len(self.titles) * self.options.num_beams * self.options.max_new_tokens
 
     def batch_key(self) -> tuple:
         """Requests with equal keys go to the engine together, in one `generate` call."""
-        return (self.mode, self.decoding, self.num_beams, self.max_new_tokens, len(self.titles))
+        options = self.options
+        return (options.mode, options.decoding, options.num_beams, options.max_new_tokens, len(self.titles))
+
+
+@dataclass
+class Generated:
+    """An answer, or `error` naming why this request's input cannot be decoded (→ 422), or why
+    its decoding was stopped (`stopped`: its caller left or its deadline passed), or why it was
+    refused (`wait_s`: it could not finish by its deadline behind the work queued ahead, which
+    takes about `wait_s` seconds)."""
+
+    answer: str
+    generate_ms: float
+    batch_size: int
+    error: str | None = None
+    stopped: bool = False
+    wait_s: float | None = None
 
 
 class Engine(Protocol):
@@ -67,11 +81,9 @@ class RagEngine:
     """The default engine: a Hugging Face generator decoded by RAG-Sequence or RAG-Token."""
 
     def __init__(self, generator: str, precision: Precision = "auto"):
-        from services.rag.generator import make_generator
-        from services.rag.loading import load_generator
+        from services.rag.loading import load_generator_for_inference
 
-        model, tokenizer = load_generator(generator, precision=precision)
-        self.generator = make_generator(model, tokenizer).eval()
+        self.generator = load_generator_for_inference(generator, precision)
 
     def generate(
         self,
@@ -88,10 +100,7 @@ class RagEngine:
             [r.titles for r in requests],
             [r.texts for r in requests],
             [r.doc_scores for r in requests],
-            mode=first.mode,
-            decoding=first.decoding,
-            num_beams=first.num_beams,
-            max_new_tokens=first.max_new_tokens,
+            first.options,
             stop=stop,
             on_prefix=on_prefix,
         )

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 IMPORT_PATH = "services.serving.app:build_app"
+PACKAGED = Path(__file__).resolve().parent / "deploy.yaml"  # package data; the repository's top-level link
 LOCAL_HTTP = {"host": "127.0.0.1", "port": 8000}  # where rayrag listens unless the file says otherwise
 
 
@@ -45,9 +46,9 @@ class ServeFile:
 
 
 def default_config_path() -> str:
-    """./deploy.yaml when present, else the one next to the installed packages."""
+    """./deploy.yaml when present, else the one packaged with rayrag (`PACKAGED`)."""
     local = Path("deploy.yaml")
-    return str(local if local.is_file() else Path(__file__).resolve().parents[2] / "deploy.yaml")
+    return str(local if local.is_file() else PACKAGED)
 
 
 def read_serve_file(path: str | None = None) -> ServeFile:

@@ -29,7 +29,7 @@ from cluster.index_store import (
     version_location,
 )
 from cluster.passages import Passage
-from cluster.shard import Shard, ShardConfig
+from cluster.shard import SearchConfig, Shard, ShardConfig
 from cluster.shard_cache import shard_files
 
 
@@ -91,7 +91,11 @@ def test_cli_lists_an_object_store_root(root: str, tmp_path: Path, capsys: pytes
 def test_shard_from_object_store_equals_flat_index(root: str, tmp_path: Path) -> None:
     vectors = _vectors()
     version = _upload_local_version(tmp_path / "local", root, vectors, shards=1)
-    shard = Shard(ShardConfig(index_root=root, version=version, shard=0, cache_dir=str(tmp_path / "cache")))
+    shard = Shard(
+        ShardConfig(
+            index_root=root, version=version, shard=0, search=SearchConfig(cache_dir=str(tmp_path / "cache"))
+        )
+    )
     reference = faiss.IndexFlatIP(vectors.shape[1])
     reference.add(vectors)
     hits = shard.search(vectors[:5], 7)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+import cluster
 from cluster.passages import Passage, chunk_documents, load_corpus, passage_text, squad_dev_path
 from training.data import QAExample, load_qa
 
@@ -112,6 +114,19 @@ def test_squad_file_as_corpus_and_qa(tmp_path: Path) -> None:
     assert load_qa(str(path)) == [QAExample("Who won?", ("Denver", "the Broncos"))]
 
 
+def test_gzipped_squad_file_reads_as_the_plain_one(tmp_path: Path) -> None:
+    plain = _squad_file(tmp_path, [{"text": "Denver"}])
+    packed = tmp_path / "squad.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_corpus(str(packed)) == load_corpus(str(plain))
+    assert load_qa(f"{packed}:train") == load_qa(f"{plain}:train")
+    assert load_qa(str(packed)) == load_qa(str(plain))
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(plain.read_bytes())  # not gzip
+    with pytest.raises(ValueError, match="broken.json.gz"):
+        load_qa(str(broken))
+
+
 def test_squad_question_without_answers_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'q1'"):
         load_qa(str(_squad_file(tmp_path, [])))
@@ -135,15 +150,14 @@ def test_jsonl_qa(tmp_path: Path) -> None:
         load_qa("missing.json")
 
 
-def test_squad_dev_when_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_squad_dev_ships_in_the_package_and_the_variable_overrides_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("RAYRAG_SQUAD", str(tmp_path / "nowhere.json"))
     with pytest.raises(ValueError, match="nowhere.json.*bigbench"):
         load_corpus("squad-open")
     monkeypatch.delenv("RAYRAG_SQUAD")
-    try:
-        squad_dev_path()
-    except ValueError:
-        pytest.skip("SQuAD dev not available on this machine")
+    assert squad_dev_path().is_relative_to(Path(cluster.__file__).parent)
     qa = load_qa("squad-dev")
     assert len(qa) == 10565
     assert qa[0] == QAExample("Which NFL team represented the AFC at Super Bowl 50?", ("Denver Broncos",))

@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
 from cluster.passages import Passage
+from cluster.shard import SearchConfig
 from cluster.shard_group import ShardGroup, ShardGroupConfig, ShardUnavailableError
 
 DIM = 32
@@ -113,7 +114,7 @@ def test_sharded_equals_flat(ray_session, tmp_path: Path, data, shards: int) -> 
 def test_ann_recall(ray_session, tmp_path: Path, data, index_type: str, params: dict) -> None:
     vectors, queries = data
     build_index_from_vectors(vectors, _passages(len(vectors), "a"), tmp_path, shards=2, index_type=index_type)
-    group = ShardGroup(_config(tmp_path, search_params=params))
+    group = ShardGroup(_config(tmp_path, search=SearchConfig(search_params=params)))
     try:
         result = group.search(queries, 10)
     finally:
@@ -258,6 +259,6 @@ def test_bad_queries(ray_session, tmp_path: Path, data) -> None:
     finally:
         group.close()
     with pytest.raises(ValueError, match="not an index root"):
-        ShardGroupConfig(index_root=str(tmp_path / "missing"))
+        ShardGroup(ShardGroupConfig(index_root=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="replicas"):
         ShardGroupConfig(index_root=str(tmp_path), replicas=0)

@@ -9,10 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
+from bench.shard_memory import read_smaps_rollup
 from cluster.index_build import build_index_from_vectors
 from cluster.index_store import load_manifest, version_dir
 from cluster.passages import Passage
-from cluster.shard import Shard, ShardConfig, read_smaps_rollup
+from cluster.shard import SearchConfig, Shard, ShardConfig
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,9 @@ def test_shard_search_and_vectors(tmp_path: Path, corpus, index_type: str) -> No
         index_type=index_type,
         search_params={"nprobe": 8} if "IVF" in index_type else None,
     )
-    shard = Shard(ShardConfig(index_root=str(tmp_path), version=version, shard=1, faiss_threads=1))
+    shard = Shard(
+        ShardConfig(index_root=str(tmp_path), version=version, shard=1, search=SearchConfig(faiss_threads=1))
+    )
     queries = vectors[[160, 299]] + 0.01  # (2, d)
     hits = shard.search(queries, k=4, return_vectors=True)
     assert hits.ids.shape == (2, 4) and hits.version == version and hits.shard == 1
@@ -88,6 +91,13 @@ def test_bad_search_param(tmp_path: Path, corpus) -> None:
     vectors, passages = corpus
     version = build_index_from_vectors(vectors, passages, tmp_path, index_type="HNSW16")
     with pytest.raises(ValueError, match="nosuch"):
-        Shard(ShardConfig(index_root=str(tmp_path), version=version, shard=0, search_params={"nosuch": 3}))
+        Shard(
+            ShardConfig(
+                index_root=str(tmp_path),
+                version=version,
+                shard=0,
+                search=SearchConfig(search_params={"nosuch": 3}),
+            )
+        )
     with pytest.raises(ValueError, match="faiss_threads"):
-        ShardConfig(index_root=str(tmp_path), version=version, shard=0, faiss_threads=0)
+        SearchConfig(faiss_threads=0)

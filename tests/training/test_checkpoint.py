@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from training.checkpoint import TrainState, load_checkpoint, read_state, save_checkpoint
+from services.rag.checkpoint import TrainState, read_state
+from training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def make(width: int = 4, seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -86,3 +87,36 @@ def test_export_gives_folders_that_load_as_the_trained_models(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["index_version"] == "v0002"  # a trained doc encoder: serve the version it made
     assert printed["serve"].endswith("--index-version v0002")
+
+
+def test_load_rag_reads_a_checkpoint_at_the_precision_asked(tmp_path):
+    """Inference's one loader: a checkpoint's trained weights over the named models, the generator's
+    stored in the precision asked (the float32 weights rounded), the query encoder's as trained."""
+    from services.rag.loading import load_rag
+    from tests.tiny_models import save_tiny_encoder, save_tiny_generator
+    from training.config import ModelsConfig
+    from training.modules import build_train_module
+
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    models = ModelsConfig(
+        query_encoder=encoder, doc_encoder=encoder, generator=save_tiny_generator(tmp_path / "generator")
+    )
+    module = build_train_module(models, "sequence", train_doc_encoder=True)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.01)
+    state = TrainState(step=1, index_version="v0001", models=vars(models), doc_encoder_trained=True)
+    save_checkpoint(tmp_path / "ckpt", module.modules_to_save(), None, state)
+
+    trained = module.rag.state_dict()
+    for precision, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        rag = load_rag(models, precision, tmp_path / "ckpt")
+        assert not rag.training
+        assert {p.dtype for p in rag.generator.parameters()} == {dtype}
+        for key, value in rag.state_dict().items():
+            expected = trained[key].to(dtype) if key.startswith("generator.") else trained[key]
+            assert torch.equal(value, expected), key
+    shipped = load_rag(models, "float32")
+    assert not torch.equal(
+        shipped.state_dict()["generator.model.lm_head.weight"], trained["generator.model.lm_head.weight"]
+    )

@@ -64,8 +64,9 @@ def test_example_config_loads_every_value_it_writes():
     assert len(leaves) > 20
     for path, written in leaves:
         loaded = cfg
-        for key in path:
-            loaded = getattr(loaded, key)
+        for key in path:  # a key written by its alias (index.root) names the field that holds it
+            names = {field.alias: name for name, field in type(loaded).model_fields.items() if field.alias}
+            loaded = getattr(loaded, names.get(key, key))
         assert (list(loaded) if isinstance(written, list) else loaded) == written, ".".join(path)
 
 
@@ -137,7 +138,8 @@ def test_one_line_error_names_the_key(tmp_path, raw, patch, message):
 def test_eval_config_defaults_to_fast_decoding_and_names_bad_keys():
     from training.evaluate import EvalConfig
 
-    assert EvalConfig().decoding == "fast" and EvalConfig().n_docs == (1, 2, 5)
+    assert EvalConfig().decode.decoding == "fast" and EvalConfig().n_docs == (1, 2, 5)
+    assert EvalConfig().decode.max_new_tokens == 16  # eval's short answers, the rest as DecodingConfig
     with pytest.raises(ValueError, match="config key 'n_docs.1' must be > 0, got 0"):
         EvalConfig.parse({"n_docs": [1, 0]})
     with pytest.raises(ValueError, match="config key 'settings.0' must be"):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from training.cli import run_experiment
-from training.experiment import STAGES, load_experiment
+from training.experiment import STAGES, Experiment, load_experiment
 from training.experiment_data import write_data
 from training.predictions import read_predictions
 
@@ -63,7 +63,12 @@ def experiment_config(toy, tmp_path_factory) -> str:
             "distractors": toy.corpus,
             "distractor_limit": 12,
         },
-        "models": {"query_encoder": toy.encoder, "doc_encoder": toy.encoder, "generator": toy.generator},
+        "models": {
+            "query_encoder": toy.encoder,
+            "doc_encoder": toy.encoder,
+            "generator": toy.generator,
+            "precision": "float32",
+        },
         "train": {
             "n_docs": 2,
             "optimizer": {"lr": 1e-3},
@@ -71,7 +76,7 @@ def experiment_config(toy, tmp_path_factory) -> str:
             "scaling": {"num_workers": 1},
             "compute": {"precision": "float32"},
         },
-        "eval": {"n_docs": 2, "max_new_tokens": 3, "batch_size": 2, "precision": "float32"},
+        "eval": {"n_docs": 2, "max_new_tokens": 3, "batch_size": 2},
         "ablations": ["bm25", "frozen", "hybrid"],
     }
     path = root / "experiment.yaml"
@@ -79,8 +84,8 @@ def experiment_config(toy, tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(config: str, out: Path, capsys, force: tuple[str, ...] = ()) -> dict:
-    args = argparse.Namespace(preset=None, config=config, out=str(out), force_stage=list(force))
+def _run(config: str, out: Path, capsys, force: tuple[str, ...] = (), until: str | None = None) -> dict:
+    args = argparse.Namespace(preset=None, config=config, out=str(out), force_stage=list(force), until=until)
     assert run_experiment(args) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -115,6 +120,30 @@ def _check_predictions(out: Path, report: dict) -> None:
     assert sum(r["em"] for r in rows) / 2 == fine_tuned["em"]  # the file scores as the report does
     closed = read_predictions(out / "predictions" / "test_closed_book_closed_book.jsonl")
     assert all(r["passages"] == [] for r in closed)
+
+
+def test_until_data_writes_the_data_stage_only_without_ray(experiment_config, tmp_path, capsys, monkeypatch):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the data stage joined Ray")
+
+    monkeypatch.setattr("cluster.runtime.init_ray", no_ray)
+    line = _run(experiment_config, tmp_path, capsys, until="data")
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["data.json"]
+    assert line["name"] == "tiny" and line["stopped_after"] == "data"
+    expected = write_data(load_experiment(None, experiment_config).data, tmp_path / "again")
+    assert {k: v for k, v in line["data"].items() if k != "seconds"} == expected
+    assert (tmp_path / "data" / "test.jsonl").read_text() == (tmp_path / "again" / "test.jsonl").read_text()
+    assert not (tmp_path / "report.json").exists()
+    assert _run(experiment_config, tmp_path, capsys, until="data") == line  # read back, not re-run
+
+
+def test_until_names_a_stage_the_config_runs(experiment_config, tmp_path):
+    cpu = load_experiment("cpu", None)
+    assert cpu.stages == STAGES[: STAGES.index("retrievers") + 1]  # no ablations asked for
+    assert load_experiment(None, experiment_config).stages == STAGES
+    for until in ("bm25", "report"):
+        with pytest.raises(ValueError, match=f"unknown stage '{until}'.*'data', 'index'"):
+            Experiment(cpu, tmp_path, until)
 
 
 @pytest.mark.slow

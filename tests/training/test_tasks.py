@@ -11,32 +11,21 @@ import torch
 
 from cluster.encoders import TextEncoder
 from cluster.passages import squad_dev_path
+from examples.make_claims import CLAIM_LABELS, claim_text, make_claims
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
 from services.rag.marginal import candidate_log_likelihoods, doc_log_probs
 from services.rag.model import RagModel
 from tests.tiny_models import save_tiny_encoder, save_tiny_generator
-from training.data import article_split, load_claims, load_qa, squad_qa_by_article
-from training.tasks import (
-    CLAIM_LABELS,
-    choose_labels,
-    claim_text,
-    get_task,
-    label_log_likelihoods,
-    load_qgen,
-    make_claims,
-)
+from training.data import SHIPPED_CLAIMS, article_split, load_claims, load_qa, squad_qa_by_article
+from training.tasks import choose_labels, get_task, label_log_likelihoods, load_qgen
 
-CLAIMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "claims.jsonl"
 LABELS = ("true", "false", "not enough info")  # label words of 1, 1 and 3 tokens: padded targets
 
 
 @pytest.fixture()
 def squad() -> Path:
-    try:
-        return squad_dev_path()
-    except ValueError:
-        pytest.skip("SQuAD dev not available on this machine")
+    return squad_dev_path()
 
 
 def test_candidate_log_likelihoods_match_a_brute_force_marginal():
@@ -110,8 +99,8 @@ def test_qgen_turns_squad_around_and_splits_by_article(squad):
     articles = list(squad_qa_by_article(squad))
     test_titles = [t for t, _ in articles if article_split(t) == "test"]
     assert len(test_titles) == 9 and "Normans" in test_titles
-    want = [(e.answers[0], e.question) for t, qa in articles if t in test_titles for e in qa]
-    assert [(e.question, e.answers) for e in test] == [(a, (q,)) for a, q in want]
+    want = [(e.answers[0], e.input) for t, qa in articles if t in test_titles for e in qa]
+    assert [(e.input, e.answers) for e in test] == [(a, (q,)) for a, q in want]
     assert get_task("qgen").load is load_qgen
 
 
@@ -125,14 +114,11 @@ def test_split_needs_squad_format_data(tmp_path):
 
 
 def test_shipped_claims_are_what_make_claims_writes(squad):
-    shipped = [json.loads(line) for line in CLAIMS.read_text(encoding="utf-8").splitlines()]
+    shipped = [json.loads(line) for line in SHIPPED_CLAIMS.read_text(encoding="utf-8").splitlines()]
     assert shipped == make_claims(squad, "test", 200, seed=0)
     assert [c["label"] for c in shipped] == list(CLAIM_LABELS) * 100
     gold = {
-        e.question: e.answers
-        for t, qa in squad_qa_by_article(squad)
-        if article_split(t) == "test"
-        for e in qa
+        e.input: e.answers for t, qa in squad_qa_by_article(squad) if article_split(t) == "test" for e in qa
     }
     stated = {claim_text(q, a): (q, a) for q, answers in gold.items() for a in answers}
     true_claims = [c["claim"] for c in shipped if c["label"] == "true"]
@@ -142,11 +128,12 @@ def test_shipped_claims_are_what_make_claims_writes(squad):
 
 
 def test_claims_loader(tmp_path):
-    examples = load_claims(str(CLAIMS))
+    examples = load_claims("claims")  # the shipped file, by its data spec
+    assert examples == load_claims(str(SHIPPED_CLAIMS))
     assert len(examples) == 200 and {e.answers for e in examples} == {("true",), ("false",)}
     path = tmp_path / "claims.jsonl"
     path.write_text(json.dumps({"claim": "The sky is green.", "label": ""}) + "\n")
     with pytest.raises(ValueError, match="line 1 has no label"):
         load_claims(str(path))
-    with pytest.raises(ValueError, match="expected a .jsonl file"):
+    with pytest.raises(ValueError, match="expected 'claims' or a .jsonl file"):
         load_claims(str(tmp_path / "claims.json"))

@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from cluster.passages import Passage, passage_text
-from cluster.shard_group import ShardGroup, ShardGroupConfig
+from cluster.shard_group import ShardGroup
+from services.rag.config import DecodingConfig
 from services.rag.retrieval import Retrieved, Search, closed_book_search, group_search
 from training.config import TrainConfig, config_from_dict
 from training.data import load_qa
 from training.evaluate import EvalConfig, predict, retrieve
 from training.loop import global_batch, make_optimizer, train_step
-from training.metrics import recall_at_k, score_predictions
 from training.modules import RagTrainModule, build_train_module
+from training.scoring import recall_at_k, score_predictions
 from training.trainer import prepare_index
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
@@ -44,7 +45,7 @@ def copy_index(copy_toy, ray_session, tmp_path_factory):
         )
     )
     prepare_index(cfg)
-    group = ShardGroup(ShardGroupConfig(index_root=cfg.index.root))
+    group = ShardGroup(cfg.index)
     yield cfg, group
     group.close()
 
@@ -69,8 +70,9 @@ def train(cfg: TrainConfig, search: Search) -> tuple[RagTrainModule, list[float]
 def test_rag_training_reads_answers_that_closed_book_cannot_know(copy_toy, copy_index):
     cfg, group = copy_index
     heldout = load_qa(copy_toy.heldout)
-    questions, answers = [e.question for e in heldout], [list(e.answers) for e in heldout]
-    eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=16, num_beams=2, max_new_tokens=4, decoding="thorough")
+    questions, answers = [e.input for e in heldout], [list(e.answers) for e in heldout]
+    decode = DecodingConfig(num_beams=2, max_new_tokens=4, decoding="thorough")
+    eval_cfg = EvalConfig(n_docs=(N_DOCS,), batch_size=16, decode=decode)
 
     def em(module: RagTrainModule, found: Retrieved | None, setting: str, n_docs: int) -> float:
         return score_predictions(predict(module.rag, questions, found, setting, n_docs, eval_cfg), answers)[

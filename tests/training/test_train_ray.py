@@ -18,7 +18,7 @@ import torch
 
 from cluster.index_store import published_version
 from rayrag_cli import main
-from training.checkpoint import read_state
+from services.rag.checkpoint import read_state
 from training.config import config_from_dict
 from training.trainer import prepare_index, run_training
 
@@ -233,7 +233,8 @@ def test_record_without_answer_is_refused_before_workers(toy, toy_index, tmp_pat
 
 
 def test_resuming_from_another_models_checkpoint_is_refused(toy, tmp_path):
-    from training.checkpoint import TrainState, save_checkpoint
+    from services.rag.checkpoint import TrainState
+    from training.checkpoint import save_checkpoint
 
     cfg = config_from_dict(toy.raw_config(tmp_path))
     old = tmp_path / "runs" / "toy" / "step-000003"

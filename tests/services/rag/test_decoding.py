@@ -150,9 +150,9 @@ def test_thorough_and_fast_differ_and_match_their_references():
 
 def test_beam_config_rejects_bad_values():
     with pytest.raises(ValueError, match="num_beams"):
-        BeamConfig(num_beams=0)
+        BeamConfig(num_beams=0, max_new_tokens=1)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        BeamConfig(max_new_tokens=0)
+        BeamConfig(num_beams=1, max_new_tokens=0)
     assert BeamConfig(num_beams=1, max_new_tokens=1).num_beams == 1  # the smallest valid settings
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.rag.config import DecodingConfig
 from services.rag.decoding import final_prefix
 from services.rag.generator import make_generator
 from services.rag.marginal import doc_log_probs
@@ -35,7 +36,13 @@ def _decode(generator, scores, drop_mass, **options) -> tuple[list[str], list[in
     generator.start = lambda ctx, copies: starts.append(ctx.n_docs) or start(ctx, copies)
     try:
         answers = generate_answers(
-            generator, QUESTIONS, TITLES, TEXTS, scores, max_new_tokens=6, drop_mass=drop_mass, **options
+            generator,
+            QUESTIONS,
+            TITLES,
+            TEXTS,
+            scores,
+            DecodingConfig(max_new_tokens=6, **options),
+            drop_mass=drop_mass,
         )
     finally:
         del generator.start
@@ -93,14 +100,15 @@ def test_final_prefix_is_what_every_hypothesis_shares():
 def test_prefixes_grow_into_the_answer(generator, beams):
     """Every prefix reported is a prefix of the final tokens; greedy reports one more token a step."""
     prefixes: list[list[int]] = []
-    options = {"mode": "token", "num_beams": beams, "max_new_tokens": 8, "drop_mass": 0.0}
+    options = DecodingConfig(mode="token", num_beams=beams, max_new_tokens=8)
     [answer] = generate_answers(
         generator,
         QUESTIONS[:1],
         TITLES[:1],
         TEXTS[:1],
         SPREAD[:1],
-        **options,
+        options,
+        drop_mass=0.0,
         on_prefix=lambda t: prefixes.append(t.tolist()),
     )
     assert prefixes

@@ -13,6 +13,7 @@ from cluster.bm25 import Bm25Params, tokenize
 from cluster.encoders import TextEncoder
 from cluster.passages import load_corpus, passage_text
 from services.rag import local
+from services.rag.config import DecodingConfig
 from services.rag.generator import make_generator
 from services.rag.loading import load_generator
 from services.rag.local import LocalConfig, LocalRag
@@ -42,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def _config(setup: dict[str, str], **overrides) -> LocalConfig:
     options = {
         "corpus": setup["corpus"],
-        "encoder": setup["encoder"],
+        "query_encoder": setup["encoder"],
         "generator": setup["generator"],
         "cache_dir": setup["cache"],
         "n_docs": 3,
@@ -97,10 +98,7 @@ def test_ask_answers_as_the_model_does_from_brute_force_top_k(
         [[passages[r].title for r in row] for row in rows],
         [[passages[r].text for r in row] for row in rows],
         doc_scores,
-        mode=mode,
-        decoding=decoding,
-        num_beams=2,
-        max_new_tokens=4,
+        DecodingConfig(mode=mode, decoding=decoding, num_beams=2, max_new_tokens=4),
     )
     assert [a.answer for a in answers] == expected
     for answer, row, row_scores in zip(answers, rows, np.take_along_axis(brute, rows, axis=1)):
@@ -115,7 +113,7 @@ def test_cli_ask_prints_answer_and_sources(setup: dict[str, str], capsys: pytest
         QUESTIONS[0],
         "--corpus",
         setup["corpus"],
-        "--encoder",
+        "--query-encoder",
         setup["encoder"],
         "--generator",
         setup["generator"],

@@ -7,7 +7,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from services.rag import precision
-from services.rag.generator import _BeamLayer
+from services.rag.kv_cache import BeamLayer
 
 
 def test_auto_follows_the_hardware_and_a_forced_precision_does_not(monkeypatch):
@@ -26,9 +26,9 @@ def test_beam_layer_holds_what_a_growing_cache_holds_through_steps_and_reorders(
     gen = torch.Generator().manual_seed(0)
     prompt_k, prompt_v = (torch.randn(2, 1, 5, 4, generator=gen) for _ in range(2))  # 2 prompts
     rows = torch.tensor([0, 0, 0, 1, 1, 1])  # 3 beams each
-    ours, reference = _BeamLayer(prompt_k[rows], prompt_v[rows]), DynamicLayer()
+    ours, reference = BeamLayer(prompt_k[rows], prompt_v[rows]), DynamicLayer()
     reference.update(prompt_k[rows], prompt_v[rows])
-    for _ in range(_BeamLayer.ROOM + 3):
+    for _ in range(BeamLayer.ROOM + 3):
         k, v = (torch.randn(6, 1, 1, 4, generator=gen) for _kv in range(2))
         got, want = ours.update(k, v), reference.update(k, v)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -38,4 +38,4 @@ def test_beam_layer_holds_what_a_growing_cache_holds_through_steps_and_reorders(
         ours.reorder_cache(within)
         reference.reorder_cache(within)
         assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)
-    assert ours.get_seq_length() == 5 + _BeamLayer.ROOM + 3
+    assert ours.get_seq_length() == 5 + BeamLayer.ROOM + 3

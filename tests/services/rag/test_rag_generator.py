@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from cluster.encoders import TextEncoder
+from services.rag.config import DecodingConfig
 from services.rag.decoding import BeamConfig, generated_mask, rag_sequence_generate, rag_token_generate
 from services.rag.generator import CausalGenerator, make_generator
 from services.rag.marginal import doc_log_probs, rag_sequence_nll, rag_token_nll
@@ -170,13 +171,12 @@ def test_rag_model_loss_and_generate(causal):
             TITLES,
             TEXTS,
             doc_scores,
-            mode=mode,
-            decoding=decoding,
-            num_beams=config.num_beams,
-            max_new_tokens=config.max_new_tokens,
+            DecodingConfig.parse(
+                {"mode": mode, "decoding": decoding, "num_beams": 3, "max_new_tokens": config.max_new_tokens}
+            ),
         )
         assert answers == texts, (mode, decoding)
-    with pytest.raises(ValueError, match="mode"):
-        model.generate(QUESTIONS, TITLES, TEXTS, scores, mode="bogus")
+    with pytest.raises(ValueError, match="config key 'mode' must be 'sequence' or 'token'"):
+        DecodingConfig.parse({"mode": "bogus"})
     with pytest.raises(ValueError, match="doc_score_scale"):
         RagModel(model.query_encoder, causal, doc_score_scale=0.0)

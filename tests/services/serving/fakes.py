@@ -12,11 +12,13 @@ import numpy as np
 from fastapi import FastAPI
 
 from cluster.shard_group import ShardUnavailableError
+from services.rag.config import ModelsConfig
 from services.rag.retrieval import Retrieved
 from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving.app import Ingress, build_api
-from services.serving.deployments import GeneratorConfig, GeneratorDeployment, IngressConfig, LimitsConfig
+from services.serving.config import GeneratorConfig, LimitsConfig
 from services.serving.engine import Emit, GenerateRequest
+from services.serving.generator_deployment import GeneratorDeployment
 
 TOKEN = "test-admin-token"
 PASSAGES = [
@@ -101,7 +103,9 @@ class InProcessGenerator:
     """The Generator deployment's batch logic, one request per batch (`@serve.batch` needs Serve)."""
 
     def __init__(self, engine: type[FakeEngine] | type[SlowEngine]) -> None:
-        self.deployment = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=engine)
+        self.deployment = GeneratorDeployment.func_or_class(
+            GeneratorConfig(), ModelsConfig(generator="fake"), engine=engine
+        )
 
     def generate(self, request: GenerateRequest):
         return self.deployment.admit(request) or self.deployment.generate_batch([request])[0]
@@ -165,8 +169,8 @@ def api_over(
     backend: SimpleNamespace, token: str | None = TOKEN, limits: LimitsConfig | None = None
 ) -> FastAPI:
     """The real FastAPI app over `backend`'s stand-ins."""
-    config = IngressConfig(admin_token=token, limits=limits or LimitsConfig())
-    ingress = Ingress(LocalHandle(backend.retriever), LocalHandle(backend.generator), config)
+    generator, retriever = LocalHandle(backend.generator), LocalHandle(backend.retriever)
+    ingress = Ingress(retriever, generator, limits or LimitsConfig(), token)
     return build_api(ingress)
 
 
@@ -189,7 +193,7 @@ class SlowEngine:
         return answer
 
     def generate(self, requests: list[GenerateRequest], stop: StopCheck) -> list[str]:
-        work = sum(len(r.titles) * r.num_beams * r.max_new_tokens for r in requests)
+        work = sum(r.work() for r in requests)
         for step in range(work // 4):
             if stop():
                 self.stopped.set()

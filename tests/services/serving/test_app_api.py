@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -19,8 +20,8 @@ from services.serving.api import (
     cited,
     sse,
 )
+from services.serving.config import AppConfig
 from services.serving.conversation import Turn
-from services.serving.deployments import AppArgs, AppConfig
 from services.serving.serve_file import read_serve_file
 
 
@@ -108,18 +109,51 @@ def test_deploy_yaml_is_a_valid_serve_config():
 
 
 def test_app_config_from_deploy_yaml_and_bad_args():
-    config = AppConfig.from_args(read_serve_file(str(Path(__file__).parents[3] / "deploy.yaml")).app_args)
+    config = AppConfig.parse(read_serve_file(str(Path(__file__).parents[3] / "deploy.yaml")).app_args)
     assert config.generator.deployment_options()["autoscaling_config"]["max_replicas"] >= 1
-    assert config.retriever.query_encoder == "default" and config.generator.generator == "default"
-    assert config.retriever.shard_cpus == 0.25 and config.retriever.batch.max_batch_size == 32
+    assert config.models.query_encoder == "default" and config.models.generator == "default"
+    assert config.index.shard_cpus == 0.25 and config.retriever.batch.max_batch_size == 32
     assert (config.generator.torch_threads, config.generator.torch_threads_alone) == (1, 2)
-    assert config.generator.precision == "auto"
+    assert config.models.precision == "auto" and config.index.search.faiss_threads == 1
     with pytest.raises(ValueError, match="unknown config key 'args.modles'"):
-        AppConfig.from_args({"modles": {}})
+        AppConfig.parse({"modles": {}}, "args.")
     with pytest.raises(ValueError, match="'args.generator.batch.max_batch_size' must be >= 1, got 0"):
-        AppConfig.from_args({"generator": {"batch": {"max_batch_size": 0}}})
+        AppConfig.parse({"generator": {"batch": {"max_batch_size": 0}}}, "args.")
     with pytest.raises(ValueError, match="unknown config key 'args.index.shard_num_cpus'"):
-        AppConfig.from_args({"index": {"shard_num_cpus": 1}})
+        AppConfig.parse({"index": {"shard_num_cpus": 1}}, "args.")
+    assert AppConfig().index.index_root == AppConfig.parse({"index": {}}).index.index_root  # the cache's
+
+
+def test_deploy_args_reach_the_deployments_unchanged(monkeypatch, tmp_path):
+    """Every index key of deploy.yaml's args (here allow_partial, call_timeout_s, search_params) is in
+    the config the Retriever hands its shard group; the models reach the Generator's engine."""
+    from cluster import encoders, shard_group
+    from services.serving.app import build_app
+    from services.serving.retriever_deployment import RetrieverDeployment
+
+    args = {
+        "index": {
+            "root": str(tmp_path),
+            "allow_partial": False,
+            "call_timeout_s": 7,
+            "follow_s": 0,
+            "search": {"search_params": {"efSearch": 64}, "cache_dir": str(tmp_path / "cache")},
+        },
+        "models": {"query_encoder": "q-enc", "generator": "gen", "precision": "float32"},
+    }
+    ingress = build_app(args)._bound_deployment
+    retriever, generator = (app._bound_deployment for app in ingress.init_args[:2])
+    built, group = [], SimpleNamespace(close=lambda: None)
+    monkeypatch.setattr(shard_group, "ShardGroup", lambda config, version: built.append(config) or group)
+    encoder = SimpleNamespace(normalize=True, eval=lambda: encoder)
+    monkeypatch.setattr(encoders.TextEncoder, "from_pretrained", lambda name: built.append(name) or encoder)
+    RetrieverDeployment.func_or_class(*retriever.init_args)
+    name, index = built
+    assert name == "q-enc" and index == AppConfig.parse(args).index
+    assert (index.allow_partial, index.call_timeout_s) == (False, 7.0)
+    assert index.search.search_params == {"efSearch": 64.0}
+    assert index.search.cache_dir == str(tmp_path / "cache")
+    assert generator.init_args[1] == AppConfig.parse(args).models
 
 
 def test_serve_file_is_read_with_serves_schema(tmp_path):
@@ -142,8 +176,9 @@ def test_serve_file_is_read_with_serves_schema(tmp_path):
 def test_serve_command_line_pins_an_index_version(tmp_path):
     """`rayrag serve --index-root R --index-version V` serves V without following R's pointer,
     and refuses, naming V, when V is not in R."""
+    from cluster.bootstrap import IndexSpec, ensure_index
     from rayrag_cli import build_parser
-    from services.serving.cli import _ensure_index, serve_app_args
+    from services.serving.cli import serve_app_args
 
     args = build_parser().parse_args(
         [
@@ -156,12 +191,11 @@ def test_serve_command_line_pins_an_index_version(tmp_path):
             "trained/generator",
         ]
     )
-    app_args = serve_app_args(read_serve_file(), args)
-    config = AppConfig.from_args(app_args)
-    assert (config.retriever.index_root, config.retriever.version) == (str(tmp_path), "v0003")
-    assert config.retriever.follow_s == 0 and config.generator.generator == "trained/generator"
+    config = AppConfig.parse(serve_app_args(read_serve_file(), args))
+    assert (config.index.index_root, config.index.version) == (str(tmp_path), "v0003")
+    assert config.index.follow_s == 0 and config.models.generator == "trained/generator"
     with pytest.raises(ValueError, match="'v0003' is not in"):
-        _ensure_index(AppArgs.parse(app_args).index)
+        ensure_index(IndexSpec.of(config.index, config.models.doc_encoder))
 
 
 def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -> None:
@@ -171,11 +205,12 @@ def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -
 
     import numpy as np
 
+    from cluster.bootstrap import IndexSpec, ensure_index
     from cluster.index_build import build_index_from_vectors
     from cluster.index_store import commit_version, load_manifest, publish, staging_dir, version_dir
     from cluster.passages import Passage
     from rayrag_cli import build_parser
-    from services.serving.cli import _ensure_index, serve_app_args
+    from services.serving.cli import serve_app_args
 
     root = f"{s3_root}/served-by-cli"
     vectors = np.eye(4, dtype=np.float32)
@@ -185,7 +220,7 @@ def test_serve_command_line_takes_an_object_store_root(s3_root: str, tmp_path) -
     publish(root, commit_version(root, staged, load_manifest(tmp_path, local)))
     args = build_parser().parse_args(["serve", "--index-root", root])
     app_args = serve_app_args(read_serve_file(), args)
-    app_args["index"]["shard_cache_dir"] = str(tmp_path / "cache")
-    config = AppConfig.from_args(app_args)
-    assert (config.retriever.index_root, config.retriever.shard_cache_dir) == (root, str(tmp_path / "cache"))
-    _ensure_index(AppArgs.parse(app_args).index)  # finds v0001 published: nothing to build
+    app_args["index"]["search"] = {"cache_dir": str(tmp_path / "cache")}
+    config = AppConfig.parse(app_args)
+    assert (config.index.index_root, config.index.search.cache_dir) == (root, str(tmp_path / "cache"))
+    ensure_index(IndexSpec.of(config.index, config.models.doc_encoder))  # v0001 published: no build

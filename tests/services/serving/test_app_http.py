@@ -112,6 +112,7 @@ def in_process(app):
 
     from cluster.encoders import TextEncoder
     from cluster.shard_group import ShardGroup, ShardGroupConfig
+    from services.rag.config import DecodingConfig
     from services.rag.generator import make_generator
     from services.rag.loading import load_generator
     from services.rag.model import RagModel
@@ -128,7 +129,7 @@ def in_process(app):
             query = rag.query_encoder.encode([question])  # (1, d)
             found = group.search(query, n_docs, return_vectors=True)
             scores = rag.doc_scores(torch.from_numpy(query), torch.from_numpy(found.vectors))  # (1, K)
-            text = rag.generate([question], found.titles, found.texts, scores, **decoding)[0]
+            text = rag.generate([question], found.titles, found.texts, scores, DecodingConfig(**decoding))[0]
         finally:
             torch.set_num_threads(threads)
         return {

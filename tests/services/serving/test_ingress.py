@@ -17,11 +17,13 @@ import torch
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
+from services.rag.config import DecodingConfig, ModelsConfig
 from services.rag.stopping import GenerationStopped, StopCheck
 from services.serving import app as app_module
 from services.serving.api import MAX_BODY_BYTES
-from services.serving.deployments import GeneratorConfig, GeneratorDeployment, LimitsConfig, Ticket
+from services.serving.config import GeneratorConfig, LimitsConfig
 from services.serving.engine import GenerateRequest
+from services.serving.generator_deployment import GeneratorDeployment, Ticket
 from tests.services.serving.fakes import TOKEN, BrokenEngine, FakeEngine, InProcessGenerator, api_over
 
 
@@ -198,7 +200,9 @@ def test_a_question_the_engine_refuses_is_a_422_and_others_still_answer(client, 
 
 
 def test_a_batch_decodes_per_setting_and_isolates_the_refused_request():
-    generator = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=FakeEngine)
+    generator = GeneratorDeployment.func_or_class(
+        GeneratorConfig(), ModelsConfig(generator="fake"), engine=FakeEngine
+    )
 
     def request(question: str, mode: str) -> GenerateRequest:
         return GenerateRequest(
@@ -206,10 +210,7 @@ def test_a_batch_decodes_per_setting_and_isolates_the_refused_request():
             titles=["t"],
             texts=[f"{question} text"],
             doc_scores=[1.0],
-            mode=mode,
-            decoding="fast",
-            num_beams=1,
-            max_new_tokens=4,
+            options=DecodingConfig(mode=mode, num_beams=1, max_new_tokens=4),
         )
 
     out = generator.generate_batch(
@@ -229,7 +230,7 @@ def test_a_broken_engine_fails_the_health_check(backend):
     broken = InProcessGenerator(BrokenEngine)
     with pytest.raises(RuntimeError, match="device-side assert"):
         broken.deployment.generate_batch(
-            [GenerateRequest("q", ["t"], ["x"], [1.0], "sequence", "fast", 1, 4)]
+            [GenerateRequest("q", ["t"], ["x"], [1.0], DecodingConfig(num_beams=1, max_new_tokens=4))]
         )
     with pytest.raises(RuntimeError, match="device-side assert"):
         broken.deployment.check_health()
@@ -389,11 +390,15 @@ def test_past_the_deadline_a_504_and_the_generation_is_cancelled(backend):
 
 
 def _request(question: str = "q", deadline: float | None = None) -> GenerateRequest:
-    return GenerateRequest(question, ["t"], ["x"], [1.0], "sequence", "fast", 1, 4, deadline=deadline)
+    return GenerateRequest(
+        question, ["t"], ["x"], [1.0], DecodingConfig(num_beams=1, max_new_tokens=4), deadline=deadline
+    )
 
 
 def test_void_requests_are_not_decoded():
-    generator = GeneratorDeployment.func_or_class(GeneratorConfig(generator="fake"), engine=FakeEngine)
+    generator = GeneratorDeployment.func_or_class(
+        GeneratorConfig(), ModelsConfig(generator="fake"), engine=FakeEngine
+    )
     cancelled = Ticket()
     cancelled.cancelled = True
     requests = [_request("a"), _request("b", deadline=time.time() - 1), _request("c")]
@@ -418,7 +423,9 @@ class DecodesUntilStopped(FakeEngine):
 
 
 def test_a_batch_stops_decoding_once_every_request_in_it_is_void():
-    generator = GeneratorDeployment.func_or_class(GeneratorConfig(generator="x"), engine=DecodesUntilStopped)
+    generator = GeneratorDeployment.func_or_class(
+        GeneratorConfig(), ModelsConfig(generator="x"), engine=DecodesUntilStopped
+    )
     tickets = [Ticket(), Ticket()]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         batch = pool.submit(generator.generate_batch, [_request("a"), _request("b")], tickets)
@@ -457,9 +464,11 @@ class CountsThreads(FakeEngine):
 
 
 def test_a_lone_batch_uses_every_thread_and_a_busy_replica_its_share():
-    config = GeneratorConfig(generator="fake", torch_threads=1, torch_threads_alone=3)
-    generator = GeneratorDeployment.func_or_class(config, engine=CountsThreads)
-    request = GenerateRequest("q", ["t"], ["text"], [1.0], "sequence", "fast", 1, 4)
+    config = GeneratorConfig(torch_threads=1, torch_threads_alone=3)
+    generator = GeneratorDeployment.func_or_class(
+        config, ModelsConfig(generator="fake"), engine=CountsThreads
+    )
+    request = GenerateRequest("q", ["t"], ["text"], [1.0], DecodingConfig(num_beams=1, max_new_tokens=4))
     saved = torch.get_num_threads()
     try:
         generator.held = 1  # this request alone

@@ -16,7 +16,7 @@ from schemathesis.config._checks import (
 )
 
 from services.serving.api import MAX_N_DOCS, MAX_NEW_TOKENS, MAX_NUM_BEAMS
-from services.serving.deployments import LimitsConfig
+from services.serving.config import LimitsConfig
 from tests.services.serving.fakes import TOKEN, api_over, fake_backend
 
 EXAMPLES_PER_OPERATION = 40  # per generation mode (valid and invalid data), per operation

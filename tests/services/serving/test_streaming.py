@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import httpx
 
+from services.rag.config import DecodingConfig
 from services.serving.api import STREAM_DEFAULTS, ChatRequest
 from services.serving.app import Ingress
-from services.serving.deployments import IngressConfig, LimitsConfig
+from services.serving.config import LimitsConfig
 from services.serving.engine import GenerateRequest
 from tests.services.serving.fakes import FakeRetriever, InProcessGenerator, LocalHandle, SlowEngine, api_over
 
@@ -53,7 +54,7 @@ def test_streamed_pieces_equal_the_plain_answer_and_docs_come_last(client):
 
 def test_a_client_leaving_mid_stream_stops_the_decoding_at_its_next_step():
     backend = _slow_backend()
-    ingress = Ingress(LocalHandle(backend.retriever), LocalHandle(backend.generator), IngressConfig())
+    ingress = Ingress(LocalHandle(backend.retriever), LocalHandle(backend.generator), LimitsConfig())
     request = _chat(stream=True, max_tokens=256)  # 5 × 1 × 256 units: 320 steps of 5 ms
 
     async def leave() -> list[str]:
@@ -77,8 +78,12 @@ def test_a_request_that_cannot_finish_behind_the_queued_work_is_refused_at_once(
     and never reaches the engine; with 60 s it is answered."""
     backend = _slow_backend()
     generator = backend.generator.deployment
-    generator.generate_batch([GenerateRequest("q", ["t"], ["x"], [1.0], "sequence", "fast", 1, 4)])
-    ahead = GenerateRequest("q", ["t"] * 5, ["x"] * 5, [1.0] * 5, "token", "fast", 1, 256)
+    generator.generate_batch(
+        [GenerateRequest("q", ["t"], ["x"], [1.0], DecodingConfig(num_beams=1, max_new_tokens=4))]
+    )
+    ahead = GenerateRequest(
+        "q", ["t"] * 5, ["x"] * 5, [1.0] * 5, DecodingConfig(mode="token", num_beams=1, max_new_tokens=256)
+    )
 
     async def ask(timeout_s: float) -> httpx.Response:
         api = api_over(backend, limits=LimitsConfig(request_timeout_s=timeout_s))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from training.metrics import (
+from training.scoring import (
     exact_match,
     f1_score,
     normalize_answer,

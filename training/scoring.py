@@ -1,5 +1,5 @@
-"""Task metrics: SQuAD answer normalisation, exact match, token F1, retrieval recall@k (QA); BLEU-1 and
-ROUGE-L (question generation); accuracy (label generation)."""
+"""Scoring a task's outputs: SQuAD answer normalisation, exact match, token F1, retrieval recall@k (QA);
+BLEU-1 and ROUGE-L (question generation); accuracy (label generation)."""
 
 from __future__ import annotations
 
