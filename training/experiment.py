@@ -11,7 +11,7 @@ reuses a finished stage only when its config, code and inputs are unchanged (`fo
    for the test articles (training/experiment_data.py);
 2. index: the passages encoded once; three versions of one index root: "mismatched" (nothing of the
    test articles, same-title distractors included), "counterfactual", "matching" (published);
-3. zero_shot: the shipped models, closed-book and RAG-Sequence (retriever recall before);
+3. zero_shot: the shipped models, closed-book and RAG-Sequence, on test only (retriever recall before);
 4. train_rag / train_rag_token / train_closed_book: `rayrag train` runs with the same data, steps and
    batch: the RAG-Sequence loss, the RAG-Token loss (as the paper trains each), and one empty passage;
 5. fine_tuned: the RAG-Sequence model at K and at K=1 (a test-time ablation, not a trained reader);
@@ -374,7 +374,7 @@ class Experiment:
         inputs: tuple[str, ...] = (),
         retrieval: dict | None = None,
     ) -> dict:
-        """An evaluation stage: `rows` of one model on the validation and the test questions."""
+        """An evaluation stage: `rows` of one model on each split given (validation and test, or test)."""
 
         def run() -> dict:
             rag = model()
@@ -402,12 +402,12 @@ class Experiment:
     def _evaluations(self, group: Any, splits: dict[str, list[QAExample]], versions: dict) -> dict:
         cfg, precision, k = self.cfg, self.cfg.models.precision, self.cfg.eval.n_docs
         trained = lambda run: lambda: load_rag(cfg.models, precision, results[run]["checkpoint"])
-        results = {
+        results = {  # the shipped models as they are: no choice to make, so no validation questions
             "zero_shot": self._rows(
                 "zero_shot",
                 lambda: load_rag(cfg.models, precision),
                 group,
-                splits,
+                {"test": splits["test"]},
                 {"closed_book": (1,), "rag_sequence": (k,)},
             )
         }

@@ -74,11 +74,14 @@ def row_stats(results: dict) -> list[dict]:
         if stage not in results:
             continue
         test = read_predictions(prediction_file(results[stage]["test"], "test", stage, setting, n_docs))
-        validation = _metrics(results[stage]["validation"], setting, n_docs)
+        validation = results[stage].get("validation")  # none for the zero-shot rows
+        if validation is not None:
+            validation = {
+                k: _percent(v) for k, v in _metrics(validation, setting, n_docs).items() if k in ("em", "f1")
+            }
         is_reference = (name, stage, setting, n_docs) == REFERENCE
         rows.append(
-            {"name": name, "validation": {k: _percent(validation[k]) for k in ("em", "f1")}}
-            | _test_row(test, None if is_reference else reference)
+            {"name": name, "validation": validation} | _test_row(test, None if is_reference else reference)
         )
     return rows
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import TrainState, save_checkpoint
+from services.rag.checkpoint import TrainState
+from training.checkpoint import save_checkpoint
 from training.config import config_from_dict
 from training.stages import StageStore, code_version, config_changes
 from training.trainer import RUN_CONFIG, check_resumable, run_config
@@ -93,6 +94,8 @@ def test_training_resume_refuses_a_checkpoint_trained_with_another_config(tmp_pa
     (run_dir / RUN_CONFIG).write_text(json.dumps(run_config(cfg)))
     check_resumable(cfg)  # the same config resumes
     check_resumable(_train_config(tmp_path, scaling={"num_workers": 2}))  # more workers: the same run
+    answering = models | {"precision": "bfloat16"}  # the weights when answering: training never reads them
+    check_resumable(_train_config(tmp_path, models=answering))
     with pytest.raises(ValueError, match=r"will not resume .*optimizer.lr: 0.0001 → 0.0003"):
         check_resumable(_train_config(tmp_path, optimizer={"lr": 3e-4}))
     with pytest.raises(ValueError, match=r"schedule.steps: 4 → 8"):
