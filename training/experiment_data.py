@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from cluster.passages import load_corpus, squad_articles, squad_dev_path
 from training.config import Section
 from training.counterfactual import edit_passages
-from training.data import BUILTIN_QA, QAExample, squad_qa_by_article
+from training.data import BUILTIN_QA, QAExample, squad_qa_by_article, write_jsonl
 
 SPLITS = ("train", "validation", "test")
 
@@ -45,10 +45,6 @@ class ExperimentData(Section):
         if both:
             raise ValueError(f"config key 'data.validation_articles': {both} are test articles too")
         return self
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def _qa_rows(examples: list[QAExample]) -> list[dict]:
@@ -109,7 +105,7 @@ def write_data(cfg: ExperimentData, folder: Path) -> dict:
     questions = split_questions(cfg, source)
     folder.mkdir(parents=True, exist_ok=True)
     for name, examples in questions.items():
-        _write_jsonl(folder / f"{name}.jsonl", _qa_rows(examples))
+        write_jsonl(folder / f"{name}.jsonl", _qa_rows(examples))
     distractors = [
         {"title": p.title, "text": p.text} for p in load_corpus(cfg.distractors, cfg.distractor_limit)
     ]
@@ -118,9 +114,9 @@ def write_data(cfg: ExperimentData, folder: Path) -> dict:
     edited, substituted = edit_passages(
         test_side, [e.answers for e in questions["test"]], train_answers, cfg.seed
     )
-    _write_jsonl(folder / "corpus_without_test.jsonl", kept)
-    _write_jsonl(folder / "corpus.jsonl", kept + test_side)
-    _write_jsonl(folder / "corpus_counterfactual.jsonl", kept + edited)
+    write_jsonl(folder / "corpus_without_test.jsonl", kept)
+    write_jsonl(folder / "corpus.jsonl", kept + test_side)
+    write_jsonl(folder / "corpus_counterfactual.jsonl", kept + edited)
     (folder / "substitutes.json").write_text(json.dumps(substituted, ensure_ascii=False))
     return {
         **{f"{name}_questions": len(examples) for name, examples in questions.items()},

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cluster.passages import Passage, passage_text
-from training.data import QAExample
+from training.data import QAExample, write_jsonl
 from training.scoring import answer_in_passages, exact_match, f1_score
 from training.stats import compare, interval
 
 
-def _lines(
+def _rows(
     examples: Sequence[QAExample], predictions: Sequence[str], passages: Sequence[list[dict]]
-) -> list[str]:
+) -> list[dict]:
     rows = []
     for example, prediction, read in zip(examples, predictions, passages):
         answers = list(example.answers)
@@ -36,7 +36,7 @@ def _lines(
                 ),
             }
         )
-    return [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    return rows
 
 
 def write_predictions(
@@ -56,7 +56,7 @@ def write_predictions(
                 [[] for _ in examples] if setting == "closed_book" else [p[: int(n_docs)] for p in passages]
             )
             path = folder / f"{name}.jsonl"
-            path.write_text("".join(_lines(examples, part.pop("predictions"), read)), encoding="utf-8")
+            write_jsonl(path, _rows(examples, part.pop("predictions"), read))
             written[name] = str(path)
     report["predictions"] = written
     return written
