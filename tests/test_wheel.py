@@ -210,7 +210,8 @@ def test_experiment_data_stage_of_the_cpu_preset(run_env: dict[str, str], empty_
     line = json.loads(out.splitlines()[-1])
     assert line["name"] == "squad-cpu" and line["stopped_after"] == "data"
     data = line["data"]
-    assert (data["train_articles"], data["test_articles"], data["test_questions"]) == (36, 12, 300)
+    articles = (data["train_articles"], data["validation_articles"], data["test_articles"])
+    assert articles == (30, 6, 12) and (data["validation_questions"], data["test_questions"]) == (200, 1000)
     assert data["passages"] > data["passages_without_test"] > 10_000  # + the default corpus's leads
     test = (empty_dir / "exp" / "data" / "test.jsonl").read_text().splitlines()
-    assert len(test) == 300 and [p.name for p in (empty_dir / "exp" / "stages").iterdir()] == ["data.json"]
+    assert len(test) == 1000 and [p.name for p in (empty_dir / "exp" / "stages").iterdir()] == ["data.json"]

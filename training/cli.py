@@ -137,7 +137,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.preset, args.config)  # config errors surface before Ray starts
     show_progress()
     out = Path(args.out)
-    line = Experiment(cfg, out, args.until).run()
+    line = Experiment(cfg, out, args.until, args.force_stage).run()
     if args.until is None:
         print(f"report: {out / 'report.json'}; table: {out / 'results.md'}")
     print(json.dumps(line))
@@ -161,6 +161,14 @@ def _add_experiment(subcommands: argparse._SubParsersAction) -> None:
         default=None,
         help="stop after this stage and print its result instead of the report (e.g. data: the question "
         "and corpus files only, no Ray; an unknown name lists the stages in order)",
+    )
+    parser.add_argument(
+        "--force-stage",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo this stage although it finished (repeatable); the stages that read it then refuse "
+        "until forced too",
     )
     parser.set_defaults(run=run_experiment)
 

@@ -126,6 +126,13 @@ class TrainConfig(Section):
             raise ValueError("config key 'train_doc_encoder' needs a dense or hybrid retrieval.retriever")
         return self
 
+    def training_record(self, *leave_out: str) -> dict:
+        """The config as JSON less `models.precision` (the weights when the model answers; training
+        never reads it) and the top-level keys `leave_out` names: what a run's checkpoints depend on."""
+        return self.model_dump(
+            mode="json", exclude={"models": {"precision"}, **dict.fromkeys(leave_out, True)}
+        )
+
     @property
     def trains_query_encoder(self) -> bool:
         """False for a frozen retriever: train_query_encoder off, or BM25 (its scores carry no gradient)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,11 @@ def load_qa(path: str) -> list[QAExample]:
     if not examples:
         raise ValueError(f"QA data {path!r} is empty")
     return examples
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, UTF-8 (what load_qa and load_corpus read back)."""
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def load_claims(path: str) -> list[QAExample]:

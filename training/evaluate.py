@@ -18,10 +18,11 @@ from cluster.fusion import RetrievalConfig
 from cluster.passages import Passage, passage_text
 from services.rag import retrieval
 from services.rag.config import DecodingConfig
+from services.rag.marginal import doc_log_probs
 from services.rag.model import RagModel
 from services.rag.retrieval import DENSE, Retrieved, group_search
 from training.data import QAExample
-from training.scoring import recall_at_k
+from training.scoring import answer_in_passages
 from training.tasks import Task, TaskName, choose_labels, get_task, task_labels
 
 Setting = Literal["closed_book", "rag_token", "rag_sequence"]
@@ -133,8 +134,10 @@ def _rows(
     retrieved: Retrieved,
     setting: str,
     cfg: EvalConfig,
+    keep_predictions: bool,
 ) -> dict[str, dict]:
-    """The task's metrics for each n_docs of a setting, with the first few predictions."""
+    """The task's metrics for each n_docs of a setting, with the first few predictions (every one when
+    `keep_predictions`)."""
     questions = [e.input for e in examples]
     targets = [list(e.answers) for e in examples]
     source, gold = task.fields
@@ -147,14 +150,31 @@ def _rows(
                 for q, p, a in list(zip(questions, predictions, targets))[:5]
             ]
         }
+        if keep_predictions:
+            rows[str(n_docs)]["predictions"] = predictions
     return rows
 
 
+def retrieved_rows(retrieved: Retrieved, k: int) -> list[list[dict]]:
+    """Per question its first k passages: title, text and p(z|x) (the softmax of their doc scores)."""
+    p = doc_log_probs(torch.as_tensor(retrieved.doc_scores[:, :k], dtype=torch.float32)).exp()  # (B, k)
+    return [
+        [{"title": t, "text": x, "p": round(float(pz), 6)} for t, x, pz in zip(ts[:k], xs[:k], row)]
+        for ts, xs, row in zip(retrieved.titles, retrieved.texts, p.tolist())
+    ]
+
+
 def evaluate(
-    rag: RagModel, shard_group: Any, examples: Sequence[QAExample], cfg: EvalConfig, index_size: int
+    rag: RagModel,
+    shard_group: Any,
+    examples: Sequence[QAExample],
+    cfg: EvalConfig,
+    index_size: int,
+    keep_predictions: bool = False,
 ) -> dict:
     """The report: per setting the task's metrics (and recall@k for QA), per n_docs rows for the RAG
-    settings."""
+    settings. `keep_predictions` adds every prediction to each row and, under "passages", each
+    question's retrieved passages (up to the widest n_docs) with p(z|x)."""
     task, cfg = get_task(cfg.task), with_labels(cfg, examples)
     questions = [e.input for e in examples]
     widest = max(*cfg.n_docs, *cfg.recall_at, RECALL_K)
@@ -170,25 +190,43 @@ def evaluate(
     if task.recall:
         report["recall"] = {str(k): v for k, v in recall.items()}
     report |= {"config": cfg.model_dump(), "settings": {}}
+    if keep_predictions:
+        report["passages"] = retrieved_rows(retrieved, max(cfg.n_docs))
+        if task.recall:
+            hits = recall_hits(retrieved, examples, (*cfg.n_docs, *cfg.recall_at))
+            report["recall_hits"] = {str(k): v for k, v in hits.items()}
     for setting in cfg.settings:
-        rows = _rows(rag, task, examples, retrieved, setting, cfg)
-        row = {k: v for k, v in rows[str(max(int(k) for k in rows))].items() if k != "examples"}
+        rows = _rows(rag, task, examples, retrieved, setting, cfg, keep_predictions)
+        row = {
+            k: v
+            for k, v in rows[str(max(int(k) for k in rows))].items()
+            if k not in ("examples", "predictions")
+        }
         if task.recall:
             row["recall_at_5"] = None if setting == "closed_book" else recall[RECALL_K]
         report["settings"][setting] = row | {"by_n_docs": rows}
     return report
 
 
-def retrieval_recall(
+def recall_hits(
     retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]
-) -> dict[int, float]:
-    """recall@k for every k of `ks` and RECALL_K: a gold answer found in the first k passages."""
+) -> dict[int, list[int]]:
+    """Per k of `ks` and RECALL_K, per question: 1 when a gold answer is in its first k passages."""
     passages = [
         [passage_text(Passage(0, t, x)) for t, x in zip(ts, xs)]
         for ts, xs in zip(retrieved.titles, retrieved.texts)
     ]
-    answers = [list(e.answers) for e in examples]
-    return {k: recall_at_k(passages, answers, k) for k in sorted(set(ks) | {RECALL_K})}
+    return {
+        k: [int(answer_in_passages(p[:k], list(e.answers))) for p, e in zip(passages, examples)]
+        for k in sorted(set(ks) | {RECALL_K})
+    }
+
+
+def retrieval_recall(
+    retrieved: Retrieved, examples: Sequence[QAExample], ks: Sequence[int]
+) -> dict[int, float]:
+    """recall@k for every k of `ks` and RECALL_K: a gold answer found in the first k passages."""
+    return {k: sum(hits) / max(len(hits), 1) for k, hits in recall_hits(retrieved, examples, ks).items()}
 
 
 def summary_line(report: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,12 @@ from services.rag.checkpoint import STATE, read_state
 from training.config import TrainConfig
 from training.loop import train_loop_per_worker
 from training.refresh import IndexRefresher, RefreshConfig
+from training.stages import config_changes
 from training.tasks import get_task
 
 SHARD_GROUP_CONCURRENCY = 16  # searches from every worker + a swap + health checks
+RUN_CONFIG = "config.json"  # the run folder's record of the config its checkpoints were trained with
+RESUMABLE_CHANGES = ("scaling", "max_failures")  # where and how robustly a run goes, not what it learns
 
 
 @dataclass
@@ -43,9 +47,14 @@ def prepare_index(cfg: TrainConfig) -> str:
     return version
 
 
+def run_config(cfg: TrainConfig) -> dict:
+    """The part of the config a resumed run must share with the run that wrote the checkpoints."""
+    return cfg.training_record(*RESUMABLE_CHANGES)
+
+
 def check_resumable(cfg: TrainConfig) -> None:
-    """A run folder that already holds checkpoints is resumed: refuse one from other models up
-    front (parameter shapes are checked again when the workers load it)."""
+    """A run folder that already holds checkpoints is resumed: refuse one from other models, or one
+    whose recorded config differs (parameter shapes are checked again when the workers load it)."""
     run_dir = Path(cfg.storage_path).resolve() / cfg.name
     states = sorted(run_dir.glob(f"step-*/{STATE}"))
     if not states:
@@ -59,6 +68,17 @@ def check_resumable(cfg: TrainConfig) -> None:
                 f"incompatible checkpoint {str(states[-1].parent)!r}: it has {key}={found.get(key)!r}, "
                 f"the config asks for {value!r} (use another run name to start afresh)"
             )
+    recorded = run_dir / RUN_CONFIG
+    changes = (
+        config_changes(json.loads(recorded.read_text()), run_config(cfg))
+        if recorded.is_file()
+        else [f"the run records no config ({RUN_CONFIG})"]
+    )
+    if changes:
+        raise ValueError(
+            f"will not resume {str(states[-1].parent)!r}: {'; '.join(changes)} "
+            "(use another run name, or delete the run folder, to start afresh)"
+        )
 
 
 def launch_retrieval(cfg: TrainConfig, version: str) -> tuple[Any, Any]:
@@ -99,6 +119,7 @@ def run_training(cfg: TrainConfig, resources_per_worker: dict | None = None) -> 
     shard_group, refresher = launch_retrieval(cfg, version)
     history = Path(cfg.storage_path).resolve() / cfg.name / "history.jsonl"
     history.parent.mkdir(parents=True, exist_ok=True)
+    (history.parent / RUN_CONFIG).write_text(json.dumps(run_config(cfg), indent=1))
     loop_config = {"config": cfg, "shard_group": shard_group, "refresher": refresher, "history": str(history)}
     try:
         result = make_trainer(cfg, loop_config, resources_per_worker).fit()

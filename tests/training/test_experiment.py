@@ -1,5 +1,6 @@
 """`rayrag experiment` end to end on tiny models and a tiny SQuAD-format file: every stage, the report,
-the hot swap through the shard group, and resuming from the stage files."""
+every prediction saved, the hot swap and the counterfactual index through the shard group, resuming from
+the stage files, refusing a changed config and redoing a forced stage."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ import pytest
 import yaml
 
 from training.cli import run_experiment
-from training.experiment import STAGES, Experiment, load_experiment, write_data
+from training.experiment import STAGES, Experiment, load_experiment
+from training.experiment_data import write_data
+from training.predictions import read_predictions
 
 ARTICLES = ("Alpha", "Beta", "Gamma", "Delta")
 SUMMARY_KEYS = (
     "rag_sequence_em rag_token_em closed_book_em zero_shot_rag_em top1_read_em swap_matching_em "
     "swap_mismatched_em recall_at_5_before recall_at_5_after minutes bm25_em frozen_em hybrid_em "
-    "recall_at_5_dense recall_at_5_bm25 recall_at_5_hybrid"
+    "recall_at_5_dense recall_at_5_bm25 recall_at_5_hybrid rag_sequence_em_ci95 rag_token_em_ci95 "
+    "closed_book_em_ci95 p_rag_seq_vs_token p_rag_seq_vs_top1 counterfactual_follow_rate "
+    "counterfactual_keep_rate closed_book_counterfactual_follow_rate validation_em test_questions "
+    "wall_minutes stage_minutes"
 ).split()
+TIMES = ("minutes", "wall_minutes", "stage_minutes")  # differ between invocations
 
 
 def _squad(path: Path, toy) -> str:
@@ -36,6 +43,13 @@ def _squad(path: Path, toy) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _fixed_code_version(monkeypatch) -> None:
+    """The stage fingerprints' code version, pinned: editing or committing while the tests run must
+    not make a resumed run refuse its own stages."""
+    monkeypatch.setattr("training.stages.code_version", lambda: "test-version")
+
+
 @pytest.fixture(scope="module")
 def experiment_config(toy, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("experiment")
@@ -44,6 +58,7 @@ def experiment_config(toy, tmp_path_factory) -> str:
         "data": {
             "squad": _squad(root / "squad.json", toy),
             "test_articles": ["Delta"],
+            "validation_articles": ["Gamma"],
             "test_questions": 2,
             "distractors": toy.corpus,
             "distractor_limit": 12,
@@ -69,9 +84,36 @@ def experiment_config(toy, tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(config: str, out: Path, capsys, until: str | None = None) -> dict:
-    assert run_experiment(argparse.Namespace(preset=None, config=config, out=str(out), until=until)) == 0
+def _run(config: str, out: Path, capsys, force: tuple[str, ...] = (), until: str | None = None) -> dict:
+    args = argparse.Namespace(preset=None, config=config, out=str(out), force_stage=list(force), until=until)
+    assert run_experiment(args) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _stable(line: dict) -> dict:
+    return {k: v for k, v in line.items() if k not in TIMES}
+
+
+def _check_predictions(out: Path, report: dict) -> None:
+    """Every row's predictions are on disk, one line per question, with the passages read and p(z|x)."""
+    files = {p.stem for p in (out / "predictions").glob("*.jsonl")}
+    assert set(report["zero_shot"]) == {"test", "seconds"}  # the shipped models make no choice
+    assert set(report["zero_shot"]["test"]["predictions"]) <= files
+    for split in ("validation", "test"):
+        for stage in ("fine_tuned", "fine_tuned_token", "closed_book", "bm25", "frozen", "hybrid"):
+            assert set(report[stage][split]["predictions"]) <= files
+    assert {
+        "test_fine_tuned_rag_sequence",
+        "test_fine_tuned_rag_sequence_k1",
+        "test_swap_mismatched_rag_sequence",
+    } <= files
+    rows = read_predictions(out / "predictions" / "test_fine_tuned_rag_sequence.jsonl")
+    assert len(rows) == 2 and {"question", "gold", "prediction", "em", "f1", "passages"} <= set(rows[0])
+    assert all(len(r["passages"]) == 2 and abs(sum(p["p"] for p in r["passages"]) - 1) < 1e-4 for r in rows)
+    fine_tuned = report["fine_tuned"]["test"]["settings"]["rag_sequence"]
+    assert sum(r["em"] for r in rows) / 2 == fine_tuned["em"]  # the file scores as the report does
+    closed = read_predictions(out / "predictions" / "test_closed_book_closed_book.jsonl")
+    assert all(r["passages"] == [] for r in closed)
 
 
 def test_until_data_writes_the_data_stage_only_without_ray(experiment_config, tmp_path, capsys, monkeypatch):
@@ -104,41 +146,82 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
     assert set(SUMMARY_KEYS) <= set(line), line
     report = json.loads((tmp_path / "report.json").read_text())
     data, index, swap = report["data"], report["index"], report["swap"]
-    assert (data["train_articles"], data["test_articles"], data["test_questions"]) == (3, 1, 2)
+    assert (data["train_articles"], data["validation_articles"], data["test_articles"]) == (2, 1, 1)
+    assert (data["test_questions"], data["validation_questions"], line["test_questions"]) == (2, 2, 2)
     assert data["passages"] == 12 + 8 and data["passages_without_test"] == 12 + 6
-    # the swap went through the shard group to each version and back; the matching side is the
-    # fine-tuned RAG-Sequence row again (same model, index version and decoding)
+    assert {"mismatched", "counterfactual", "matching"} <= set(index)
+    # the swap went through the shard group to each version and back; swapped back, the model answers
+    # the checked questions as the fine-tuned row did (same model, index version and decoding)
     assert swap["mismatched"]["version"] == index["mismatched"]
     assert swap["matching"]["version"] == index["matching"]
-    matching, fine_tuned = swap["matching"]["settings"], report["fine_tuned"]["settings"]
-    assert matching["rag_sequence"]["by_n_docs"]["2"] == fine_tuned["rag_sequence"]["by_n_docs"]["2"]
-    for run in ("train_rag", "train_closed_book", "train_bm25", "train_frozen", "train_hybrid"):
+    assert swap["matching"]["identical_to_fine_tuned"] == 2
+    counterfactual = report["counterfactual"]
+    assert counterfactual["version"] == index["counterfactual"] and data["counterfactual_questions"] >= 1
+    assert 0 <= line["counterfactual_follow_rate"] + line["counterfactual_keep_rate"] <= 100
+    _check_predictions(tmp_path, report)
+    for run in (
+        "train_rag",
+        "train_rag_token",
+        "train_closed_book",
+        "train_bm25",
+        "train_frozen",
+        "train_hybrid",
+    ):
         losses = [json.loads(row) for row in Path(report[run]["history"]).read_text().splitlines()]
         assert sum("loss" in row for row in losses) == 2
+    assert json.loads((tmp_path / "runs" / "rag_token" / "config.json").read_text())["mode"] == "token"
     for name in ("bm25", "hybrid"):  # each ablation row retrieved as its run trained
-        assert report[name]["retriever"] == name and "rag_sequence" in report[name]["settings"]
-    assert report["frozen"]["retriever"] == "dense"
+        assert (
+            report[name]["test"]["retriever"] == name and "rag_sequence" in report[name]["test"]["settings"]
+        )
+    assert report["frozen"]["test"]["retriever"] == "dense"
     recall = report["retrievers"]["recall"]
     assert set(recall) == {"dense", "bm25", "hybrid"} and all(
         set(r) == {"1", "5", "10"} for r in recall.values()
     )
-    assert recall["dense"]["5"] == report["fine_tuned"]["recall"]["5"]  # the same query encoder and index
+    assert recall["dense"]["5"] == report["fine_tuned"]["test"]["recall"]["5"]  # same query encoder and index
     results = (tmp_path / "results.md").read_text()
     for row in (
         "RAG-Sequence, fine-tuned",
-        "RAG-Sequence, BM25 retriever",
+        "test-time ablation",
+        "RAG-Token loss",
         "frozen retriever",
-        "hybrid retriever",
+        "follow",
     ):
         assert row in results, results
-    assert "| bm25 |" in results
+    assert "| bm25 |" in results and "(reference)" in results
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["em_f1.png", "loss.png", "recall.png"]
 
-    (tmp_path / "stages" / "swap.json").unlink()  # as if stopped during the last stage
-    again = _run(experiment_config, tmp_path, capsys)
-    assert again.pop("minutes") >= 0 and line.pop("minutes") >= 0
-    assert again == line
+    (tmp_path / "stages" / "swap.json").unlink()  # as if stopped during the swap
+    assert _stable(_run(experiment_config, tmp_path, capsys)) == _stable(line)
     assert sorted(p.stem for p in (tmp_path / "stages").glob("*.json")) == sorted(STAGES)
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_and_forced_stages_redone(experiment_config, ray_session, tmp_path, capsys):
+    raw = yaml.safe_load(Path(experiment_config).read_text())
+    raw["ablations"] = []
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    line = _run(str(config), tmp_path / "out", capsys)
+    stages = tmp_path / "out" / "stages"
+    written = {p.stem: p.stat().st_mtime_ns for p in stages.glob("*.json")}
+
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw | {"eval": raw["eval"] | {"max_new_tokens": 4}}))
+    with pytest.raises(
+        ValueError, match=r"stage 'zero_shot' .*max_new_tokens: 3 → 4.*--force-stage zero_shot"
+    ):
+        _run(str(changed), tmp_path / "out", capsys)
+    with pytest.raises(ValueError, match=r"stage 'counterfactual' .*input 'closed_book' changed"):
+        _run(str(config), tmp_path / "out", capsys, force=("closed_book",))
+    forced = _run(str(config), tmp_path / "out", capsys, force=("closed_book", "counterfactual"))
+    assert _stable(forced) == _stable(line)
+    again = {p.stem: p.stat().st_mtime_ns for p in stages.glob("*.json")}
+    redone = {name for name in written if again[name] != written[name]}
+    assert redone == {"closed_book", "counterfactual"}
+    with pytest.raises(ValueError, match="no such stage"):
+        _run(str(config), tmp_path / "out", capsys, force=("train_everything",))
 
 
 def test_experiment_config_errors_name_the_key(experiment_config, tmp_path):
@@ -156,5 +239,10 @@ def test_experiment_config_errors_name_the_key(experiment_config, tmp_path):
         write_data(data, tmp_path / "data")
     with pytest.raises(ValueError, match="unknown preset"):
         load_experiment("tpu", None)
-    for preset in ("cpu", "gpu"):
-        assert load_experiment(preset, None).data.test_questions >= 300
+    overlap = raw["data"] | {"validation_articles": ["Delta"]}
+    path = tmp_path / "overlap.yaml"
+    path.write_text(yaml.safe_dump(raw | {"data": overlap}))
+    with pytest.raises(ValueError, match=r"validation_articles.*\['Delta'\] are test articles too"):
+        load_experiment(None, str(path))
+    for preset in ("cpu", "cpu_retrievers", "gpu"):
+        assert load_experiment(preset, None).data.test_questions >= 1000
