@@ -36,7 +36,7 @@ def eval_rates(args: argparse.Namespace) -> None:
     versions = json.loads((out / "stages" / "index.json").read_text())["result"]
     init_ray()
     group = ShardGroup(ShardGroupConfig(index_root=str(out / "index"), shard_cpus=0), versions["matching"])
-    rag = load_rag(ModelsConfig(), "auto", args.checkpoint)
+    rag = load_rag(ModelsConfig(), checkpoint=args.checkpoint)
     test = load_qa(str(out / "data" / "test.jsonl"))
     predictions = out / "rates" / "predictions"
     warm = ExperimentEval(n_docs=5, batch_size=args.batch_size)

@@ -99,7 +99,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="rayrag-eval-"))
     out.mkdir(parents=True, exist_ok=True)
     models, encoder_state = _eval_models(args.checkpoint, models)
-    rag = load_rag(models, models.precision, args.checkpoint)
+    rag = load_rag(models, checkpoint=args.checkpoint)
     init_ray()
     spec = _eval_index(args, models.doc_encoder, out)
     version = ensure_index(spec, encoder_state)

@@ -400,12 +400,12 @@ class Experiment:
         return self.stage(stage, config, (*EVAL_INPUTS, *inputs), run)
 
     def _evaluations(self, group: Any, splits: dict[str, list[QAExample]], versions: dict) -> dict:
-        cfg, precision, k = self.cfg, self.cfg.models.precision, self.cfg.eval.n_docs
-        trained = lambda run: lambda: load_rag(cfg.models, precision, results[run]["checkpoint"])
+        cfg, k = self.cfg, self.cfg.eval.n_docs
+        trained = lambda run: lambda: load_rag(cfg.models, checkpoint=results[run]["checkpoint"])
         results = {  # the shipped models as they are: no choice to make, so no validation questions
             "zero_shot": self._rows(
                 "zero_shot",
-                lambda: load_rag(cfg.models, precision),
+                lambda: load_rag(cfg.models),
                 group,
                 {"test": splits["test"]},
                 {"closed_book": (1,), "rag_sequence": (k,)},

@@ -214,7 +214,7 @@ def _save_and_report(
     state = TrainState(
         step=metrics["step"],
         index_version=metrics["index_version"],
-        models=cfg.models.model_dump(),
+        models=cfg.models.names(),
         doc_encoder_trained=cfg.train_doc_encoder,
     )
     with tempfile.TemporaryDirectory(prefix="rayrag-ckpt-") as directory:

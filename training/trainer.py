@@ -60,7 +60,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     if not states:
         return
     state = read_state(states[-1].parent)
-    wanted = {**cfg.models.model_dump(exclude={"precision"}), "doc_encoder_trained": cfg.train_doc_encoder}
+    wanted = {**cfg.models.names(), "doc_encoder_trained": cfg.train_doc_encoder}
     found = {**state.models, "doc_encoder_trained": state.doc_encoder_trained}
     for key, value in wanted.items():
         if found.get(key) != value:

@@ -59,13 +59,16 @@ def load_weights(directory: str | Path, modules: dict[str, torch.nn.Module]) -> 
     }
     check_compatible(weights, modules)
     for name, module in modules.items():
-        prefix = name + "."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+        module.load_state_dict(_component(weights, name))
     return state
 
 
 def component_weights(directory: str | Path, name: str) -> dict[str, torch.Tensor]:
     """One component's tensors (e.g. "doc_encoder"), named as in its own `state_dict`."""
+    return _component(load_file(str(Path(directory) / WEIGHTS)), name)
+
+
+def _component(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors under `name.` in a checkpoint's flat weights, without that prefix."""
     prefix = name + "."
-    weights = load_file(str(Path(directory) / WEIGHTS))
     return {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}

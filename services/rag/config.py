@@ -41,6 +41,11 @@ class ModelsConfig(Config):
         "auto", description="generator weights (auto: bfloat16 where the CPU or GPU multiplies it natively)"
     )
 
+    def names(self) -> dict[str, str]:
+        """The models by name or path, without the precision they answer at: what a training run and its
+        checkpoints depend on."""
+        return self.model_dump(exclude={"precision"})
+
     @model_validator(mode="before")
     @classmethod
     def _same_encoders(cls, raw: Any) -> Any:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -25,6 +25,7 @@ from transformers import (
 from services.rag.precision import Precision, resolve_dtype
 
 if TYPE_CHECKING:
+    from services.rag.config import ModelsConfig
     from services.rag.generator import Generator
     from services.rag.model import RagModel
 
@@ -141,16 +142,6 @@ def load_generator(
     return model.eval(), tokenizer
 
 
-class ModelNames(Protocol):
-    """The models a `RagModel` is made of, by name or path (the models configs have these keys)."""
-
-    @property
-    def query_encoder(self) -> str: ...
-
-    @property
-    def generator(self) -> str: ...
-
-
 def load_generator_for_inference(
     name_or_path: str, precision: Precision, cache_dir: str | None = None
 ) -> Generator:
@@ -163,19 +154,25 @@ def load_generator_for_inference(
 
 
 def load_rag(
-    models: ModelNames,
-    precision: Precision,
+    models: ModelsConfig,
+    precision: Precision | None = None,
     checkpoint: str | Path | None = None,
     cache_dir: str | None = None,
 ) -> RagModel:
-    """The RAG model for inference (eval mode): the named query encoder and generator, with a training
-    checkpoint's weights over them when given (cast to the generator's precision)."""
+    """The RAG model for inference (eval mode): the named query encoder and generator, the generator's
+    weights at `precision` (None: `models.precision`), a training checkpoint's weights over them when
+    given (cast to that precision)."""
     from cluster.encoders import TextEncoder
     from services.rag.checkpoint import load_weights
     from services.rag.model import RagModel
 
     query_encoder = TextEncoder.from_pretrained(models.query_encoder)
-    rag = RagModel(query_encoder, load_generator_for_inference(models.generator, precision, cache_dir))
+    rag = RagModel(
+        query_encoder,
+        load_generator_for_inference(
+            models.generator, models.precision if precision is None else precision, cache_dir
+        ),
+    )
     if checkpoint is not None:
         load_weights(checkpoint, {"rag": rag})
     return rag.eval()

@@ -117,7 +117,7 @@ class LocalRag:
             if config.retrieval.retriever != "dense"
             else None
         )
-        self.rag = load_rag(config, config.precision, cache_dir=config.cache_dir)
+        self.rag = load_rag(config, cache_dir=config.cache_dir)
 
     @classmethod
     def from_config(cls, config: LocalConfig) -> LocalRag:

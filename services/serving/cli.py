@@ -7,13 +7,13 @@ import logging
 
 from cluster.flags import add_config_flags, flag_values
 from cluster.runtime import init_ray
-from services.rag.config import ModelsConfig
+from services.rag.config import DecodingConfig, ModelsConfig
 from services.serving.serve_file import PACKAGED, ServeFile, read_serve_file
 
 log = logging.getLogger(__name__)
 SCORE_LABELS = {"dense": "q·d", "bm25": "BM25", "hybrid": "fused"}  # hybrid's is no similarity
-DECODING_FLAGS = ("n_docs", "mode", "decoding", "num_beams", "max_new_tokens")  # a DecodingConfig's
-MODEL_FLAGS = ("query_encoder", "doc_encoder", "generator", "precision")  # a ModelsConfig's
+DECODING_FLAGS = tuple(DecodingConfig.model_fields)
+MODEL_FLAGS = tuple(ModelsConfig.model_fields)
 LOCAL_FLAGS = ("corpus", "limit", *MODEL_FLAGS, "cache_dir")  # a LocalConfig's, with DECODING_FLAGS
 
 
