@@ -28,12 +28,13 @@ class RetrievalConfig(Config):
 
     model_config = ConfigDict(frozen=True)
     retriever: Retriever = Field("dense", description="dense | bm25 | hybrid")
-    # hybrid: "rrf" (reciprocal rank fusion) or "linear" (weighted min-max); RRF over each retriever's
-    # top-5 had the best recall@5 of the settings swept on training-article questions (docs/retrievers.md)
-    fusion: Fusion = "rrf"
+    # hybrid: "rrf" (reciprocal rank fusion) or "linear" (weighted min-max); the even linear mix of each
+    # retriever's top-10 had the best recall@5 of the settings swept on training-article questions
+    # (`python bench/retrievers.py --sweep-only`, docs/retrievers.md)
+    fusion: Fusion = "linear"
     rrf_k: float = Field(60.0, gt=0)  # RRF: Σ 1 / (rrf_k + rank)
     alpha: float = Field(0.5, ge=0, le=1)  # linear: alpha · dense + (1 - alpha) · BM25, each min-max scaled
-    candidates: int = Field(5, ge=1)  # hybrid: the top-N of each retriever that the fusion ranks (k at least)
+    candidates: int = Field(10, ge=1)  # hybrid: the top-N of each retriever the fusion ranks (k at least)
     bm25_temperature: float = Field(1.0, gt=0)  # bm25: p(z|x) = softmax(BM25 / temperature)
 
     def depth(self, k: int) -> int:
