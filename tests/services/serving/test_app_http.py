@@ -52,10 +52,10 @@ def app(serve_url, tmp_path_factory):
     encoder = save_tiny_encoder(tmp / "encoder")
     generator = save_tiny_generator(tmp / "generator")
     root = tmp / "index"
-    assert build_index(CORPUS_V1, root, encoder=encoder, shards=2, show_progress=False) == "v0001"
-    assert (
-        build_index(CORPUS_V2, root, encoder=encoder, shards=2, publish=False, show_progress=False) == "v0002"
-    )
+    # one encoder actor per build, not one per batch of 16: each is a process start-up
+    build = {"encoder": encoder, "shards": 2, "num_encoders": 1, "show_progress": False}
+    assert build_index(CORPUS_V1, root, **build) == "v0001"
+    assert build_index(CORPUS_V2, root, publish=False, **build) == "v0002"
     args = {
         "index": {"root": str(root), "follow_s": 0.3},
         "models": {"query_encoder": encoder, "generator": generator, "precision": "float32"},  # as in process

@@ -30,7 +30,8 @@ def url(serve_url, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("autoscaling")
     encoder = save_tiny_encoder(tmp / "encoder")
-    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, show_progress=False)
+    # one encoder actor for the 2 batches, not one per batch: each is a process start-up
+    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, num_encoders=1, show_progress=False)
     args = {
         "index": {"root": str(tmp / "index"), "follow_s": 0, "shard_cpus": 0.1},
         "models": {"query_encoder": encoder, "generator": save_tiny_generator(tmp / "generator")},

@@ -39,7 +39,8 @@ def app(serve_url, tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(fakes)  # Serve's workers cannot import tests/
     tmp = tmp_path_factory.mktemp("load")
     encoder = save_tiny_encoder(tmp / "encoder")
-    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, show_progress=False)
+    # one encoder actor for the 3 batches, not one per batch: each is a process start-up
+    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, num_encoders=1, show_progress=False)
     args = {
         "index": {"root": str(tmp / "index"), "follow_s": 0},
         "models": {"query_encoder": encoder, "generator": "slow"},
