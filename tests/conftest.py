@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Ray Train controller polls its workers every 2 s by default: a finished run, a queued checkpoint
+# report or a dead worker waits up to that long to be seen, a few times per tiny run. Ray Train passes
+# the variable on from this process to its controller. A missed poll is no failure: the controller
+# waits on it again (a worker is declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # Files whose tests share no start-up beyond the session's: `make test` spreads them one test at a

@@ -5,7 +5,10 @@ the stage files, refusing a changed config and redoing a forced stage."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,11 +46,13 @@ def _squad(path: Path, toy) -> str:
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def _fixed_code_version(monkeypatch) -> None:
-    """The stage fingerprints' code version, pinned: editing or committing while the tests run must
-    not make a resumed run refuse its own stages."""
-    monkeypatch.setattr("training.stages.code_version", lambda: "test-version")
+@pytest.fixture(scope="module", autouse=True)
+def _fixed_code_version() -> Iterator[None]:
+    """The stage fingerprints' code version, pinned for the whole module (the shared run included):
+    editing or committing while the tests run must not make a resumed run refuse its own stages."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.stages.code_version", lambda: "test-version")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +89,21 @@ def experiment_config(toy, tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(config: str, out: Path, capsys, force: tuple[str, ...] = (), until: str | None = None) -> dict:
+def _run(config: str, out: Path, force: tuple[str, ...] = (), until: str | None = None) -> dict:
+    """`rayrag experiment --config CONFIG --out OUT`; the summary line it prints."""
     args = argparse.Namespace(preset=None, config=config, out=str(out), force_stage=list(force), until=until)
-    assert run_experiment(args) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run_experiment(args) == 0
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def finished(experiment_config, ray_session, _fixed_code_version, tmp_path_factory) -> tuple[Path, dict]:
+    """One run of every stage (six training runs), shared by the tests that read, resume or redo it:
+    its folder and the summary line of that first run. Each test leaves every stage finished."""
+    out = tmp_path_factory.mktemp("finished")
+    return out, _run(experiment_config, out)
 
 
 def _stable(line: dict) -> dict:
@@ -116,19 +132,19 @@ def _check_predictions(out: Path, report: dict) -> None:
     assert all(r["passages"] == [] for r in closed)
 
 
-def test_until_data_writes_the_data_stage_only_without_ray(experiment_config, tmp_path, capsys, monkeypatch):
+def test_until_data_writes_the_data_stage_only_without_ray(experiment_config, tmp_path, monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("the data stage joined Ray")
 
     monkeypatch.setattr("cluster.runtime.init_ray", no_ray)
-    line = _run(experiment_config, tmp_path, capsys, until="data")
+    line = _run(experiment_config, tmp_path, until="data")
     assert [p.name for p in (tmp_path / "stages").iterdir()] == ["data.json"]
     assert line["name"] == "tiny" and line["stopped_after"] == "data"
     expected = write_data(load_experiment(None, experiment_config).data, tmp_path / "again")
     assert {k: v for k, v in line["data"].items() if k != "seconds"} == expected
     assert (tmp_path / "data" / "test.jsonl").read_text() == (tmp_path / "again" / "test.jsonl").read_text()
     assert not (tmp_path / "report.json").exists()
-    assert _run(experiment_config, tmp_path, capsys, until="data") == line  # read back, not re-run
+    assert _run(experiment_config, tmp_path, until="data") == line  # read back, not re-run
 
 
 def test_until_names_a_stage_the_config_runs(experiment_config, tmp_path):
@@ -141,10 +157,10 @@ def test_until_names_a_stage_the_config_runs(experiment_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_session, tmp_path, capsys):
-    line = _run(experiment_config, tmp_path, capsys)
+def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, finished):
+    out, line = finished
     assert set(SUMMARY_KEYS) <= set(line), line
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     data, index, swap = report["data"], report["index"], report["swap"]
     assert (data["train_articles"], data["validation_articles"], data["test_articles"]) == (2, 1, 1)
     assert (data["test_questions"], data["validation_questions"], line["test_questions"]) == (2, 2, 2)
@@ -158,7 +174,7 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
     counterfactual = report["counterfactual"]
     assert counterfactual["version"] == index["counterfactual"] and data["counterfactual_questions"] >= 1
     assert 0 <= line["counterfactual_follow_rate"] + line["counterfactual_keep_rate"] <= 100
-    _check_predictions(tmp_path, report)
+    _check_predictions(out, report)
     for run in (
         "train_rag",
         "train_rag_token",
@@ -169,7 +185,7 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
     ):
         losses = [json.loads(row) for row in Path(report[run]["history"]).read_text().splitlines()]
         assert sum("loss" in row for row in losses) == 2
-    assert json.loads((tmp_path / "runs" / "rag_token" / "config.json").read_text())["mode"] == "token"
+    assert json.loads((out / "runs" / "rag_token" / "config.json").read_text())["mode"] == "token"
     for name in ("bm25", "hybrid"):  # each ablation row retrieved as its run trained
         assert (
             report[name]["test"]["retriever"] == name and "rag_sequence" in report[name]["test"]["settings"]
@@ -180,7 +196,7 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
         set(r) == {"1", "5", "10"} for r in recall.values()
     )
     assert recall["dense"]["5"] == report["fine_tuned"]["test"]["recall"]["5"]  # same query encoder and index
-    results = (tmp_path / "results.md").read_text()
+    results = (out / "results.md").read_text()
     for row in (
         "RAG-Sequence, fine-tuned",
         "test-time ablation",
@@ -190,38 +206,36 @@ def test_experiment_runs_every_stage_reports_and_resumes(experiment_config, ray_
     ):
         assert row in results, results
     assert "| bm25 |" in results and "(reference)" in results
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["em_f1.png", "loss.png", "recall.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["em_f1.png", "loss.png", "recall.png"]
 
-    (tmp_path / "stages" / "swap.json").unlink()  # as if stopped during the swap
-    assert _stable(_run(experiment_config, tmp_path, capsys)) == _stable(line)
-    assert sorted(p.stem for p in (tmp_path / "stages").glob("*.json")) == sorted(STAGES)
+    (out / "stages" / "swap.json").unlink()  # as if stopped during the swap
+    assert _stable(_run(experiment_config, out)) == _stable(line)
+    assert sorted(p.stem for p in (out / "stages").glob("*.json")) == sorted(STAGES)
 
 
 @pytest.mark.slow
-def test_changed_config_is_refused_and_forced_stages_redone(experiment_config, ray_session, tmp_path, capsys):
-    raw = yaml.safe_load(Path(experiment_config).read_text())
-    raw["ablations"] = []
-    config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    line = _run(str(config), tmp_path / "out", capsys)
-    stages = tmp_path / "out" / "stages"
+def test_changed_config_is_refused_and_forced_stages_redone(experiment_config, finished, tmp_path):
+    out, _ = finished
+    line = _run(experiment_config, out)  # every stage read back (or finished, were one missing)
+    stages = out / "stages"
     written = {p.stem: p.stat().st_mtime_ns for p in stages.glob("*.json")}
 
+    raw = yaml.safe_load(Path(experiment_config).read_text())
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(raw | {"eval": raw["eval"] | {"max_new_tokens": 4}}))
     with pytest.raises(
         ValueError, match=r"stage 'zero_shot' .*max_new_tokens: 3 → 4.*--force-stage zero_shot"
     ):
-        _run(str(changed), tmp_path / "out", capsys)
+        _run(str(changed), out)
     with pytest.raises(ValueError, match=r"stage 'counterfactual' .*input 'closed_book' changed"):
-        _run(str(config), tmp_path / "out", capsys, force=("closed_book",))
-    forced = _run(str(config), tmp_path / "out", capsys, force=("closed_book", "counterfactual"))
+        _run(experiment_config, out, force=("closed_book",))
+    forced = _run(experiment_config, out, force=("closed_book", "counterfactual"))
     assert _stable(forced) == _stable(line)
     again = {p.stem: p.stat().st_mtime_ns for p in stages.glob("*.json")}
     redone = {name for name in written if again[name] != written[name]}
     assert redone == {"closed_book", "counterfactual"}
     with pytest.raises(ValueError, match="no such stage"):
-        _run(str(config), tmp_path / "out", capsys, force=("train_everything",))
+        _run(experiment_config, out, force=("train_everything",))
 
 
 def test_experiment_config_errors_name_the_key(experiment_config, tmp_path):

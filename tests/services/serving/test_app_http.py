@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -18,6 +17,7 @@ from cluster.passages import Passage
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m "not slow"` skips it
 
+APP = "rayrag-test"
 TOKEN = "test-admin-token"
 COLORS = ["red", "green", "blue", "amber", "violet", "silver", "golden", "black"]
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Hanoi", "Dakar"]
@@ -38,36 +38,24 @@ CORPUS_V1 = _corpus([f"falcon{i}" for i in range(24)], "Bird")
 CORPUS_V2 = _corpus([f"comet{i}" for i in range(24)], "Sky")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app(ray_session, tmp_path_factory):
-    """Tiny encoder + tiny causal generator, a 2-shard index (v0001 published, v0002 not), served."""
+def app(serve_url, tmp_path_factory):
+    """Tiny encoder + tiny causal generator, a 2-shard index (v0001 published, v0002 not), served at
+    serve_url."""
     from ray import serve
 
     from cluster.index_build import build_index
     from services.serving.app import build_app
-    from services.serving.serve_file import read_serve_file
     from tests.tiny_models import save_tiny_encoder, save_tiny_generator
 
     tmp = tmp_path_factory.mktemp("serve")
     encoder = save_tiny_encoder(tmp / "encoder")
     generator = save_tiny_generator(tmp / "generator")
     root = tmp / "index"
-    assert build_index(CORPUS_V1, root, encoder=encoder, shards=2, show_progress=False) == "v0001"
-    assert (
-        build_index(CORPUS_V2, root, encoder=encoder, shards=2, publish=False, show_progress=False) == "v0002"
-    )
-    port = _free_port()
-    # deploy.yaml's controller options: the tests exercise the request path users get.
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        controller_options=read_serve_file().controller_options or None,
-    )
+    # one encoder actor per build, not one per batch of 16: each is a process start-up
+    build = {"encoder": encoder, "shards": 2, "num_encoders": 1, "show_progress": False}
+    assert build_index(CORPUS_V1, root, **build) == "v0001"
+    assert build_index(CORPUS_V2, root, publish=False, **build) == "v0002"
     args = {
         "index": {"root": str(root), "follow_s": 0.3},
         "models": {"query_encoder": encoder, "generator": generator, "precision": "float32"},  # as in process
@@ -76,10 +64,10 @@ def app(ray_session, tmp_path_factory):
         "generator": {"num_cpus": 0.5},
         "admin_token": TOKEN,
     }
-    serve.run(build_app(args), name="rayrag-test", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield {"client": client, "root": root, "encoder": encoder, "generator": generator, "port": port}
-    serve.shutdown()
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    with httpx.Client(base_url=serve_url, timeout=60) as client:
+        yield {"client": client, "root": root, "encoder": encoder, "generator": generator, "url": serve_url}
+    serve.delete(APP)
 
 
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -106,12 +94,21 @@ def serving_v0001(app):
 
 
 @pytest.fixture(scope="module")
-def in_process(app):
-    """The served models and index in this process: RagModel over a driver-side ShardGroup (v0001)."""
+def group(app):
+    """A driver-side ShardGroup over v0001 of the served index: the reference for the served docs."""
+    from cluster.shard_group import ShardGroup, ShardGroupConfig
+
+    group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="module")
+def in_process(app, group):
+    """The served models and index in this process: RagModel over the driver-side ShardGroup (v0001)."""
     import torch
 
     from cluster.encoders import TextEncoder
-    from cluster.shard_group import ShardGroup, ShardGroupConfig
     from services.rag.config import DecodingConfig
     from services.rag.generator import make_generator
     from services.rag.loading import load_generator
@@ -120,7 +117,6 @@ def in_process(app):
     model, tokenizer = load_generator(app["generator"])
     encoder = TextEncoder.from_pretrained(app["encoder"]).eval()
     rag = RagModel(encoder, make_generator(model, tokenizer).eval())
-    group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
 
     def answer(question: str, n_docs: int, **decoding) -> dict:
         threads = torch.get_num_threads()
@@ -140,8 +136,7 @@ def in_process(app):
             "version": found.version,
         }
 
-    yield answer
-    group.close()
+    return answer
 
 
 def _answer(client: httpx.Client, question: str, **options) -> dict:
@@ -181,19 +176,14 @@ def test_answer_equals_rag_model_in_process(app, in_process, decoding):
     assert timings["total"] >= timings["retrieve"] + timings["generate"] > 0
 
 
-def test_provenance_matches_the_shard_group(app):
+def test_provenance_matches_the_shard_group(app, group):
     """Docs of /v1/answer and /v1/retrieve are what one driver-side ShardGroup returns."""
     from cluster.encoders import TextEncoder
-    from cluster.shard_group import ShardGroup, ShardGroupConfig
     from services.rag.model import default_doc_score_scale
 
     questions = ["Where was the blue falcon2 seen?", "golden falcon5 Perth"]
     encoder = TextEncoder.from_pretrained(app["encoder"])
-    group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
-    try:
-        reference = group.search(encoder.encode(questions), k=5)
-    finally:
-        group.close()
+    reference = group.search(encoder.encode(questions), k=5)
     retrieved = app["client"].post("/v1/retrieve", json={"questions": questions, "k": 5}).json()
     assert retrieved["index_version"] == "v0001"
     for b, question in enumerate(questions):
@@ -210,27 +200,22 @@ def test_provenance_matches_the_shard_group(app):
         assert CORPUS_V1[reference.ids[b][0]].text == reference.texts[b][0]
 
 
-def test_each_request_retrieves_with_the_retriever_it_asks_for(app):
+def test_each_request_retrieves_with_the_retriever_it_asks_for(app, group):
     """BM25 and hybrid over HTTP: the docs of a driver-side ShardGroup's BM25 and fusion, with provenance."""
     from cluster.encoders import TextEncoder
     from cluster.fusion import RetrievalConfig
-    from cluster.shard_group import ShardGroup, ShardGroupConfig
     from services.rag.model import default_doc_score_scale
     from services.rag.retrieval import group_search, retrieve
 
     questions = ["Where was the golden falcon5 seen?", "falcon11 Perth"]
     encoder = TextEncoder.from_pretrained(app["encoder"])
-    group = ShardGroup(ShardGroupConfig(index_root=str(app["root"])), version="v0001")
-    try:
-        expected = {
-            name: retrieve(
-                encoder, group_search(group), questions, 4, default_doc_score_scale(encoder), retrieval=config
-            )
-            for name in ("bm25", "hybrid")
-            for config in [RetrievalConfig(retriever=name, fusion="rrf", candidates=50)]
-        }
-    finally:
-        group.close()
+    expected = {
+        name: retrieve(
+            encoder, group_search(group), questions, 4, default_doc_score_scale(encoder), retrieval=config
+        )
+        for name in ("bm25", "hybrid")
+        for config in [RetrievalConfig(retriever=name, fusion="rrf", candidates=50)]
+    }
     for name, reference in expected.items():
         body = app["client"].post("/v1/retrieve", json={"questions": questions, "k": 4, "retriever": name})
         assert body.status_code == 200, body.text
@@ -250,7 +235,7 @@ def test_each_request_retrieves_with_the_retriever_it_asks_for(app):
 def test_openai_client_plain_and_streaming(app):
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{app['url']}/v1", api_key="unused")
     messages = [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "Where was the green falcon1 seen?"},
@@ -296,7 +281,7 @@ def test_a_stream_equals_the_plain_answer_of_its_decoding(app):
 def test_a_client_leaving_mid_stream_stops_its_decoding(app):
     from ray import serve
 
-    generator = serve.get_deployment_handle("Generator", "rayrag-test")
+    generator = serve.get_deployment_handle("Generator", APP)
     before = generator.load.remote().result()["stopped"]
     request = {"messages": [{"role": "user", "content": "Where was the red falcon0 seen?"}], "stream": True}
     with app["client"].stream(
@@ -446,7 +431,7 @@ def test_rayrag_ask_prints_the_answer_and_its_sources(app, capsys):
             "ask",
             "Where was the red falcon0 seen?",
             "--url",
-            f"http://127.0.0.1:{app['port']}",
+            app["url"],
             "--n-docs",
             "3",
             "--num-beams",

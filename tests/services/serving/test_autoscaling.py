@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.passages import Passage
-from tests.serve_load import FAST_AUTOSCALING, Load, latency_stats, measure_autoscaling, start_serve
+from tests.serve_load import FAST_AUTOSCALING, Load, latency_stats, measure_autoscaling
 
 pytestmark = [
     pytest.mark.slow,  # see pyproject.toml: `pytest -m "not slow"` skips it
@@ -20,7 +20,7 @@ BODY = {"n_docs": 4, "num_beams": 2, "max_new_tokens": 8}
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tmp_path_factory):
+def url(serve_url, tmp_path_factory):
     """Tiny models over a 2-shard index; the Generator autoscaled from 1 to 2 replicas of 0.25 CPU."""
     from ray import serve
 
@@ -30,17 +30,17 @@ def url(ray_session, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("autoscaling")
     encoder = save_tiny_encoder(tmp / "encoder")
-    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, show_progress=False)
+    # one encoder actor for the 2 batches, not one per batch: each is a process start-up
+    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, num_encoders=1, show_progress=False)
     args = {
         "index": {"root": str(tmp / "index"), "follow_s": 0, "shard_cpus": 0.1},
         "models": {"query_encoder": encoder, "generator": save_tiny_generator(tmp / "generator")},
         "retriever": {"num_cpus": 0.25},
         "generator": {"num_cpus": 0.25, "autoscaling_config": FAST_AUTOSCALING},
     }
-    url = start_serve()
     serve.run(build_app(args), name=APP, route_prefix="/")
-    yield url
-    serve.shutdown()
+    yield serve_url
+    serve.delete(APP)
 
 
 def test_generator_scales_up_under_load_and_back_down_after(url):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster.passages import Passage
-from tests.serve_load import start_serve, wait_until
+from tests.serve_load import wait_until
 from tests.services.serving import fakes
 
 pytestmark = pytest.mark.slow  # see pyproject.toml
@@ -27,8 +27,8 @@ CORPUS = [Passage(id=i, title=f"City {i}", text=f"City{i} lies on river{i % 7}."
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, tmp_path_factory):
-    """Tiny encoder, a 2-shard index, SlowEngine behind a Generator of bounded queues."""
+def app(serve_url, tmp_path_factory):
+    """Tiny encoder, a 2-shard index, SlowEngine behind a Generator of bounded queues, served at serve_url."""
     import ray
     from ray import serve
 
@@ -39,8 +39,8 @@ def app(ray_session, tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(fakes)  # Serve's workers cannot import tests/
     tmp = tmp_path_factory.mktemp("load")
     encoder = save_tiny_encoder(tmp / "encoder")
-    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, show_progress=False)
-    url = start_serve()
+    # one encoder actor for the 3 batches, not one per batch: each is a process start-up
+    build_index(CORPUS, tmp / "index", encoder=encoder, shards=2, num_encoders=1, show_progress=False)
     args = {
         "index": {"root": str(tmp / "index"), "follow_s": 0},
         "models": {"query_encoder": encoder, "generator": "slow"},
@@ -50,9 +50,9 @@ def app(ray_session, tmp_path_factory):
     }
     serve.run(build_app(args, engine=fakes.SlowEngine), name=APP, route_prefix="/")
     generator = serve.get_deployment_handle("Generator", app_name=APP)
-    with httpx.Client(base_url=url, timeout=60) as client:
-        yield {"client": client, "url": url, "generator": generator}
-    serve.shutdown()
+    with httpx.Client(base_url=serve_url, timeout=60) as client:
+        yield {"client": client, "url": serve_url, "generator": generator}
+    serve.delete(APP)
 
 
 def _open_requests(url: str, body: dict, count: int) -> list[socket.socket]:
