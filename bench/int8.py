@@ -79,20 +79,22 @@ def run_answers(args: argparse.Namespace) -> None:
     from cluster.passages import load_corpus
     from services.rag.local import LocalConfig, LocalRag
     from services.rag.model import generate_answers
+    from training.data import load_qa
 
     cfg = LocalConfig(corpus=str(Path(args.data) / "corpus.jsonl"), precision="float32")
     local = LocalRag(load_corpus(cfg.corpus), cfg)
     generator = quantized(local.rag.generator) if args.weights == "int8" else local.rag.generator
-    rows = [json.loads(line) for line in (Path(args.data) / "validation.jsonl").open()][: args.limit]
+    examples = load_qa(str(Path(args.data) / "validation.jsonl"))[: args.limit]
     out = Path(args.out)
     done = len(out.read_text().splitlines()) if out.exists() else 0
     with out.open("a") as sink:
-        for i, row in enumerate(rows[done:], start=done):
-            found = local.retrieve([row["question"]])
+        for i, example in enumerate(examples[done:], start=done):
+            found = local.retrieve([example.input])
             wall, cpu = time.perf_counter(), time.process_time()
             prediction = generate_answers(
-                generator, [row["question"]], found.titles, found.texts, found.doc_scores, cfg
+                generator, [example.input], found.titles, found.texts, found.doc_scores, cfg
             )[0]
+            row = {"question": example.input, "answers": list(example.answers)}
             line = {"i": i, **row, "prediction": prediction, "wall_s": time.perf_counter() - wall,
                     "cpu_s": time.process_time() - cpu, "load1": os.getloadavg()[0]}  # fmt: skip
             sink.write(json.dumps(line) + "\n")
